@@ -1,0 +1,83 @@
+"""Every jmid config key, with its default and a one-line meaning.
+
+Experiment configs import this file and override a few keys; never copy it. Sections mirror the
+modules that read them (run -> train.py, model -> model.py, mesh -> sharding.py, data -> data/,
+optim -> optim.py, train -> train.py/steps.py, init -> checkpoint.py).
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+  """Returns the base config; `arg` is unused here (experiment configs may use theirs)."""
+  del arg
+  c = ConfigDict()
+
+  c.run = ConfigDict()
+  c.run.workdir = "runs/default"  # where config.json, checkpoints/, metrics.jsonl, tensorboard/ go
+  c.run.seed = 0  # one seed for params init and data order
+  c.run.name = "jmid"  # free-form label written to config.json and metrics
+
+  c.model = ConfigDict()
+  c.model.vocab_size = 32000  # rows of the embedding; >= the tokenizer's vocab
+  c.model.d_model = 512  # residual width
+  c.model.n_layers = 8  # decoder blocks (stacked and scanned)
+  c.model.n_heads = 8  # query heads
+  c.model.n_kv_heads = 8  # key/value heads (GQA when < n_heads); must divide n_heads
+  c.model.head_dim = 0  # per-head width; 0 means d_model // n_heads
+  c.model.d_ff = 1536  # SwiGLU hidden width
+  c.model.rope_theta = 10000.0  # RoPE base (raise it to extend context)
+  c.model.norm_eps = 1e-5  # RMSNorm epsilon
+  c.model.tie_embeddings = False  # LM head reuses the token embedding
+  c.model.qkv_bias = False  # bias on q/k/v projections (Qwen2)
+  c.model.qk_norm = False  # per-head RMSNorm on q and k (Qwen3)
+  c.model.attention = "xla"  # xla | cudnn (pallas arrives with pallas_kernels)
+  c.model.remat = "none"  # none | full | dots | dots_no_batch: what the layer scan saves
+  c.model.param_dtype = "float32"  # dtype params are stored (and optimized) in
+  c.model.compute_dtype = "float32"  # matmul dtype; bfloat16 on accelerators
+  c.model.init_std = 0.02  # std of the normal init of projections and embeddings
+
+  c.mesh = ConfigDict()
+  c.mesh.data = 1  # pure data-parallel replicas (across hosts/slices); -1 = remaining devices
+  c.mesh.fsdp = -1  # params and batch sharded; -1 = remaining devices
+  c.mesh.tensor = 1  # heads / MLP / vocab sharded
+  c.mesh.context = 1  # sequence sharded (ring attention); 1 until it lands
+
+  c.data = ConfigDict()
+  c.data.demo = False  # build the built-in demo corpus (code, math, text) and use its sources
+  c.data.cache_dir = "~/.cache/jmid"  # where the demo corpus is built once
+  c.data.sources = ConfigDict()  # name -> ConfigDict(path=token-file dir, weight=float)
+  c.data.seq_len = 1024  # tokens per packed row
+  c.data.eval_fraction = 0.02  # share of each source's documents held out for eval
+  c.data.packing = "concat"  # concat (concat-then-split) | first_fit
+  c.data.shuffle = True  # shuffle documents (per epoch) before packing
+
+  c.optim = ConfigDict()
+  c.optim.lr = 3e-4  # peak learning rate
+  c.optim.end_lr = 0.0  # learning rate at the last step (cosine, linear, wsd)
+  c.optim.schedule = "cosine"  # constant | cosine | linear | wsd
+  c.optim.warmup_steps = 100  # linear warmup from 0 to lr
+  c.optim.decay_steps = 0  # wsd: length of the final decay; 0 means 20% of train.steps
+  c.optim.decay_shape = "linear"  # wsd decay: linear | 1-sqrt | cosine
+  c.optim.b1 = 0.9  # AdamW beta1
+  c.optim.b2 = 0.95  # AdamW beta2
+  c.optim.eps = 1e-8  # AdamW epsilon
+  c.optim.weight_decay = 0.1  # decoupled weight decay (never on norms or biases)
+  c.optim.decay_embeddings = False  # apply weight decay to embeddings and the LM head too
+  c.optim.clip_norm = 1.0  # global gradient-norm clip; 0 disables
+  c.optim.z_loss = 0.0  # weight of the log(Z)^2 auxiliary loss; 0 disables
+
+  c.train = ConfigDict()
+  c.train.steps = 1000  # optimizer steps in this run
+  c.train.global_batch = 32  # rows (sequences) per optimizer step, over all devices
+  c.train.microbatches = 1  # gradient accumulation: global_batch is split into this many
+  c.train.log_every_steps = 10  # console line + metrics.jsonl + TensorBoard
+  c.train.eval_every_steps = 200  # held-out loss; 0 disables (a final eval always runs)
+  c.train.eval_batches = 8  # batches of held-out data per eval
+  c.train.checkpoint_every_steps = 200  # async Orbax save; a final save always happens
+  c.train.keep_checkpoints = 3  # newest checkpoints kept
+
+  c.init = ConfigDict()
+  c.init.from_path = ""  # start from another run's workdir (params); "" = random init
+  c.init.load = "params"  # params (fresh optimizer, step 0)
+  return c

@@ -1,0 +1,50 @@
+"""One attention() for every implementation, so the model never branches on the backend.
+
+Packed documents: a query attends to a key only when both carry the same segment id and the key
+is not later in the row. Padding (segment 0) attends only to padding, so no row is fully masked
+and no NaN appears; its loss is masked elsewhere.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def segment_mask(segment_ids_bt: jax.Array, causal: bool = True) -> jax.Array:
+  """[B, 1, T, T] bool: same document and (when causal) key index <= query index."""
+  t = segment_ids_bt.shape[1]
+  mask = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+  if causal:
+    mask = mask & jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+  return mask[:, None]
+
+
+def _xla(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, mask_b1ts: jax.Array,
+         scale: float) -> jax.Array:
+  b, t, hq, d = q_bthd.shape
+  hkv = k_bshd.shape[2]
+  q_btkgd = q_bthd.reshape(b, t, hkv, hq // hkv, d)  # GQA without repeating K/V
+  logits_bkgts = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bshd,
+                            preferred_element_type=jnp.float32) * scale
+  logits_bkgts = jnp.where(mask_b1ts[:, :, None], logits_bkgts, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits_bkgts, axis=-1).astype(v_bshd.dtype)
+  o_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs, v_bshd)
+  return o_btkgd.reshape(b, t, hq, d)
+
+
+def attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
+              segment_ids_bt: jax.Array, *, implementation: str = "xla",
+              causal: bool = True) -> jax.Array:
+  """Multi-head / grouped-query attention over packed rows; returns [B, T, Hq, D]."""
+  scale = q_bthd.shape[-1] ** -0.5
+  mask = segment_mask(segment_ids_bt, causal)
+  if implementation == "xla":
+    return _xla(q_bthd, k_bshd, v_bshd, mask, scale)
+  if implementation == "cudnn":
+    return jax.nn.dot_product_attention(q_bthd, k_bshd, v_bshd, mask=mask, scale=scale,
+                                        is_causal=causal, implementation="cudnn")
+  raise ValueError(f"unknown attention implementation {implementation!r}; "
+                   f"choose one of {IMPLEMENTATIONS}")

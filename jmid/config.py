@@ -1,0 +1,260 @@
+"""ConfigDict -> validated frozen dataclasses.
+
+Modules receive these dataclasses, never the ConfigDict, so a layer cannot read a key it does not
+declare. `validate` runs before anything heavy starts: a user's mistake becomes one ConfigError
+line naming the key and the fix (train.py turns it into exit code 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from ml_collections import ConfigDict
+
+
+class UserError(Exception):
+  """A mistake the user can fix; printed as one line, exit code 2, no traceback."""
+
+
+class ConfigError(UserError):
+  """A config value that is unknown, out of range or inconsistent with another."""
+
+
+ATTENTION = ("xla", "cudnn")
+REMAT = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("constant", "cosine", "linear", "wsd")
+DECAY_SHAPES = ("linear", "1-sqrt", "cosine")
+PACKING = ("concat", "first_fit")
+LOADS = ("params",)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  workdir: str
+  seed: int
+  name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The architecture; also written into every checkpoint so export needs no config file."""
+
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  d_ff: int
+  rope_theta: float
+  norm_eps: float
+  tie_embeddings: bool
+  qkv_bias: bool
+  qk_norm: bool
+  attention: str
+  remat: str
+  param_dtype: str
+  compute_dtype: str
+  init_std: float
+
+  @property
+  def dh(self) -> int:
+    """Per-head width, resolving head_dim=0 to d_model // n_heads."""
+    return self.head_dim or self.d_model // self.n_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int
+  fsdp: int
+  tensor: int
+  context: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+  path: str
+  weight: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  demo: bool
+  cache_dir: str
+  sources: dict[str, SourceConfig]
+  seq_len: int
+  eval_fraction: float
+  packing: str
+  shuffle: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  lr: float
+  end_lr: float
+  schedule: str
+  warmup_steps: int
+  decay_steps: int
+  decay_shape: str
+  b1: float
+  b2: float
+  eps: float
+  weight_decay: float
+  decay_embeddings: bool
+  clip_norm: float
+  z_loss: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int
+  global_batch: int
+  microbatches: int
+  log_every_steps: int
+  eval_every_steps: int
+  eval_batches: int
+  checkpoint_every_steps: int
+  keep_checkpoints: int
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+  from_path: str
+  load: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  run: RunConfig
+  model: ModelConfig
+  mesh: MeshConfig
+  data: DataConfig
+  optim: OptimConfig
+  train: TrainConfig
+  init: InitConfig
+
+
+def _section(cls: type, name: str, d: dict[str, Any]) -> Any:
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - fields)
+  missing = sorted(fields - set(d))
+  if unknown:
+    raise ConfigError(f"{name}.{unknown[0]}: unknown key; valid keys are {', '.join(sorted(fields))}")
+  if missing:
+    raise ConfigError(f"{name}.{missing[0]}: missing; start your config from configs/base.py")
+  return cls(**d)
+
+
+def from_configdict(cfg: ConfigDict) -> Config:
+  """Converts and validates; raises ConfigError with the offending key."""
+  d = cfg.to_dict()
+  sections = {f.name: f.type for f in dataclasses.fields(Config)}
+  for name in d:
+    if name not in sections:
+      raise ConfigError(f"{name}: unknown config section; valid: {', '.join(sections)}")
+  data = dict(d.get("data", {}))
+  sources = {}
+  for sname, s in (data.get("sources") or {}).items():
+    if not isinstance(s, dict):
+      raise ConfigError(f"data.sources.{sname}: must be a ConfigDict(path=..., weight=...)")
+    sources[sname] = _section(SourceConfig, f"data.sources.{sname}", s)
+  data["sources"] = sources
+  c = Config(
+      run=_section(RunConfig, "run", d.get("run", {})),
+      model=_section(ModelConfig, "model", d.get("model", {})),
+      mesh=_section(MeshConfig, "mesh", d.get("mesh", {})),
+      data=_section(DataConfig, "data", data),
+      optim=_section(OptimConfig, "optim", d.get("optim", {})),
+      train=_section(TrainConfig, "train", d.get("train", {})),
+      init=_section(InitConfig, "init", d.get("init", {})),
+  )
+  validate(c)
+  return c
+
+
+def _check(ok: bool, msg: str) -> None:
+  if not ok:
+    raise ConfigError(msg)
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+  _check(value in options, f"{key}={value!r}: unknown; choose one of {', '.join(options)}")
+
+
+def validate(c: Config) -> None:
+  """Checks values alone and against each other; device counts are checked in sharding.py."""
+  m, o, t, dt = c.model, c.optim, c.train, c.data
+  for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+    _check(getattr(m, key) > 0, f"model.{key}={getattr(m, key)}: must be a positive integer")
+  _check(m.head_dim >= 0, f"model.head_dim={m.head_dim}: must be >= 0 (0 = d_model // n_heads)")
+  _check(m.head_dim > 0 or m.d_model % m.n_heads == 0,
+         f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
+         "change one or set model.head_dim")
+  _check(m.n_heads % m.n_kv_heads == 0,
+         f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}; "
+         "use a divisor of n_heads")
+  _check(m.dh % 2 == 0, f"model.head_dim={m.dh}: RoPE needs an even head width")
+  _check(m.rope_theta > 0, f"model.rope_theta={m.rope_theta}: must be > 0")
+  _check(m.norm_eps > 0, f"model.norm_eps={m.norm_eps}: must be > 0")
+  _choice("model.attention", m.attention, ATTENTION)
+  _choice("model.remat", m.remat, REMAT)
+  _choice("model.param_dtype", m.param_dtype, DTYPES)
+  _choice("model.compute_dtype", m.compute_dtype, DTYPES)
+
+  for key in ("data", "fsdp", "tensor", "context"):
+    v = getattr(c.mesh, key)
+    _check(v == -1 or v >= 1, f"mesh.{key}={v}: must be >= 1, or -1 for the remaining devices")
+  _check([c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.context].count(-1) <= 1,
+         "mesh: at most one axis may be -1 (the remaining devices)")
+  _check(c.mesh.context == 1, f"mesh.context={c.mesh.context}: context parallelism (ring "
+         "attention) is not available yet; set mesh.context=1")
+
+  _check(dt.seq_len > 0, f"data.seq_len={dt.seq_len}: must be a positive integer")
+  _check(0.0 < dt.eval_fraction < 1.0,
+         f"data.eval_fraction={dt.eval_fraction}: must be in (0, 1)")
+  _choice("data.packing", dt.packing, PACKING)
+  _check(dt.demo or bool(dt.sources),
+         "data.sources is empty: name at least one source, or set data.demo=True")
+  for name, s in dt.sources.items():
+    _check(s.weight >= 0 and math.isfinite(s.weight),
+           f"data.sources.{name}.weight={s.weight}: must be a finite number >= 0")
+  if dt.sources:
+    _check(sum(s.weight for s in dt.sources.values()) > 0,
+           "data.sources: all weights are 0; give at least one source a positive weight")
+
+  _check(o.lr >= 0, f"optim.lr={o.lr}: must be >= 0")
+  _check(0 <= o.end_lr <= o.lr or o.schedule == "constant",
+         f"optim.end_lr={o.end_lr}: must be between 0 and optim.lr={o.lr}")
+  _choice("optim.schedule", o.schedule, SCHEDULES)
+  _choice("optim.decay_shape", o.decay_shape, DECAY_SHAPES)
+  _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps}: must be >= 0")
+  _check(o.decay_steps >= 0, f"optim.decay_steps={o.decay_steps}: must be >= 0")
+  for key in ("b1", "b2"):
+    _check(0 <= getattr(o, key) < 1, f"optim.{key}={getattr(o, key)}: must be in [0, 1)")
+  _check(o.eps > 0, f"optim.eps={o.eps}: must be > 0")
+  for key in ("weight_decay", "clip_norm", "z_loss"):
+    _check(getattr(o, key) >= 0, f"optim.{key}={getattr(o, key)}: must be >= 0")
+
+  _check(t.steps >= 0, f"train.steps={t.steps}: must be >= 0")
+  _check(t.global_batch > 0, f"train.global_batch={t.global_batch}: must be > 0")
+  _check(t.microbatches > 0, f"train.microbatches={t.microbatches}: must be > 0")
+  _check(t.global_batch % t.microbatches == 0,
+         f"train.global_batch={t.global_batch} is not divisible by "
+         f"train.microbatches={t.microbatches}")
+  _check(o.warmup_steps + (o.decay_steps if o.schedule == "wsd" else 0) <= max(t.steps, 1)
+         or o.schedule == "constant",
+         f"optim.warmup_steps={o.warmup_steps} (+ decay_steps) exceeds train.steps={t.steps}; "
+         "shorten the warmup or train longer")
+  for key in ("log_every_steps", "eval_batches", "keep_checkpoints", "checkpoint_every_steps"):
+    _check(getattr(t, key) > 0, f"train.{key}={getattr(t, key)}: must be > 0")
+  _check(t.eval_every_steps >= 0, f"train.eval_every_steps={t.eval_every_steps}: must be >= 0")
+
+  _choice("init.load", c.init.load, LOADS)
+
+
+def to_json_dict(c: Config) -> dict[str, Any]:
+  """The resolved config as plain JSON types (for config.json and checkpoint metadata)."""
+  return dataclasses.asdict(c)

@@ -1,0 +1,129 @@
+"""Progress line, metrics.jsonl and TensorBoard; only process 0 writes.
+
+On resume, lines of metrics.jsonl past the restored step are dropped (the run replays them), so
+the file always reads as one consistent run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+
+from jmid.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per chip by device_kind substring (datasheets); CPUs have none.
+PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
+    "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v4": 275e12,
+}
+
+
+def peak_flops(device: jax.Device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  for key, value in PEAK_FLOPS.items():
+    if key in kind:
+      return value
+  return None
+
+
+def flops_per_token(m: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token: 6 x matmul params + causal attention (half of 12 L T H D)."""
+  per_layer = m.d_model * m.dh * (2 * m.n_heads + 2 * m.n_kv_heads) + 3 * m.d_model * m.d_ff
+  matmul_params = m.n_layers * per_layer + m.d_model * m.vocab_size
+  return 6.0 * matmul_params + 6.0 * m.n_layers * m.n_heads * m.dh * seq_len
+
+
+def _fmt_time(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+class MetricsWriter:
+  """Writes one record per log step to the console, metrics.jsonl and TensorBoard."""
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool = True):
+    self.enabled, self.total_steps = enabled, total_steps
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._truncate_after(start_step)
+    from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def _truncate_after(self, step: int) -> None:
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
+
+  def write(self, step: int, record: dict[str, Any], console: bool = True,
+            eta_seconds: float = float("nan")) -> None:
+    if not self.enabled:
+      return
+    record = {"step": step, **{k: _plain(v) for k, v in record.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for key, value in record.items():
+      if key != "step" and isinstance(value, (int, float)) and value is not None:
+        self._tb.add_scalar(key, value, step)
+    if console:
+      print(self.line(step, record, eta_seconds), flush=True)
+
+  def line(self, step: int, r: dict[str, Any], eta_seconds: float) -> str:
+    parts = [f"step {step}/{self.total_steps}"]
+    if "loss" in r:
+      parts.append(f"loss {r['loss']:.4f}")
+    if "lr" in r:
+      parts.append(f"lr {r['lr']:.2e}")
+    if r.get("tokens_per_sec"):
+      parts.append(f"{r['tokens_per_sec'] / 1e3:,.1f}k tok/s")
+    if r.get("mfu") is not None:
+      parts.append(f"mfu {100 * r['mfu']:.1f}%")
+    parts += [f"{k} {v:.4f}" for k, v in r.items() if k.startswith("eval/")]
+    parts.append(f"ETA {_fmt_time(eta_seconds)}")
+    return " | ".join(parts)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _plain(v: Any) -> Any:
+  try:
+    v = v.item() if hasattr(v, "item") else v
+  except (TypeError, ValueError):
+    return v
+  return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+class Stopwatch:
+  """Wall time between log steps, excluding time marked as paused (eval, first compile)."""
+
+  def __init__(self) -> None:
+    self.t0, self.paused = time.perf_counter(), 0.0
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.t0 - self.paused
+
+  def reset(self) -> None:
+    self.t0, self.paused = time.perf_counter(), 0.0
+
+
+def eprint(*args: Any) -> None:
+  print(*args, file=sys.stderr, flush=True)

@@ -1,0 +1,175 @@
+"""Decoder-only Llama-family transformer (Llama / Qwen2 / Qwen3 / Mistral) in Flax NNX.
+
+Weights are stored in einsum-friendly layouts (q: [embed, heads, head_dim]) and carry logical
+axis names as metadata (`sharding_names`, eager sharding off), so the model never needs a mesh
+to be built; sharding.py turns the names into shardings. Blocks are created stacked (leading
+`layers` axis) and applied with lax.scan under an optional remat policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jmid import sharding
+from jmid.attention import attention
+from jmid.config import ModelConfig
+from jmid.rope import apply_rope
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(rngs: nnx.Rngs | None, shape: Sequence[int], names: Sequence[str | None],
+           std: float | None, dtype: jnp.dtype) -> nnx.Param:
+  """A parameter with logical axis names; std=None means ones (norm scales), 0.0 zeros."""
+  if std is None:
+    value = jnp.ones(shape, dtype)
+  elif std == 0.0 or rngs is None:
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = std * jax.random.normal(rngs.params(), shape, dtype)
+  return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm computed in float32, scale applied after casting back (as HF does)."""
+
+  def __init__(self, dim: int, eps: float, name: str | None, dtype: jnp.dtype):
+    self.eps = eps
+    self.scale = _param(None, (dim,), (name,), None, dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+class Block(nnx.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + swiglu(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    e, h, k, d, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dh, cfg.d_ff
+    std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.n_layers) ** 0.5
+    self.attn_norm = RMSNorm(e, cfg.norm_eps, "embed", pd)
+    self.wq = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), std, pd)
+    self.wk = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), std, pd)
+    self.wv = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), std, pd)
+    self.wo = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), out_std, pd)
+    if cfg.qkv_bias:
+      self.bq = _param(None, (h, d), ("heads", "head_dim"), 0.0, pd)
+      self.bk = _param(None, (k, d), ("kv_heads", "head_dim"), 0.0, pd)
+      self.bv = _param(None, (k, d), ("kv_heads", "head_dim"), 0.0, pd)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(d, cfg.norm_eps, "head_dim", pd)
+      self.k_norm = RMSNorm(d, cfg.norm_eps, "head_dim", pd)
+    self.mlp_norm = RMSNorm(e, cfg.norm_eps, "embed", pd)
+    self.w_gate = _param(rngs, (e, f), ("embed", "mlp"), std, pd)
+    self.w_up = _param(rngs, (e, f), ("embed", "mlp"), std, pd)
+    self.w_down = _param(rngs, (f, e), ("mlp", "embed"), out_std, pd)
+
+  def __call__(self, x_bte: jax.Array, positions_bt: jax.Array,
+               segment_ids_bt: jax.Array) -> jax.Array:
+    cfg, cd = self.cfg, x_bte.dtype
+    h_bte = self.attn_norm(x_bte)
+    q = jnp.einsum("bte,ehd->bthd", h_bte, self.wq[...].astype(cd))
+    k = jnp.einsum("bte,ehd->bthd", h_bte, self.wk[...].astype(cd))
+    v = jnp.einsum("bte,ehd->bthd", h_bte, self.wv[...].astype(cd))
+    if cfg.qkv_bias:
+      q, k, v = (q + self.bq[...].astype(cd), k + self.bk[...].astype(cd),
+                 v + self.bv[...].astype(cd))
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = sharding.constrain(apply_rope(q, positions_bt, cfg.rope_theta),
+                           ("batch", "length", "heads", None))
+    k = sharding.constrain(apply_rope(k, positions_bt, cfg.rope_theta),
+                           ("batch", "length", "kv_heads", None))
+    o_bthd = attention(q, k, v, segment_ids_bt, implementation=cfg.attention)
+    x_bte = x_bte + jnp.einsum("bthd,hde->bte", o_bthd, self.wo[...].astype(cd))
+    x_bte = sharding.constrain(x_bte, ("batch", "length", None))
+
+    h_bte = self.mlp_norm(x_bte)
+    gate_btf = jnp.einsum("bte,ef->btf", h_bte, self.w_gate[...].astype(cd))
+    up_btf = jnp.einsum("bte,ef->btf", h_bte, self.w_up[...].astype(cd))
+    act_btf = sharding.constrain(jax.nn.silu(gate_btf) * up_btf, ("batch", "length", "mlp"))
+    x_bte = x_bte + jnp.einsum("btf,fe->bte", act_btf, self.w_down[...].astype(cd))
+    return sharding.constrain(x_bte, ("batch", "length", None))
+
+
+class Decoder(nnx.Module):
+  """Token ids [B, T] -> float32 logits [B, T, vocab]."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pd)
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(r: nnx.Rngs) -> Block:
+      return Block(cfg, r)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, "embed", pd)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                            cfg.init_std, pd)
+
+  def __call__(self, inputs_bt: jax.Array, positions_bt: jax.Array | None = None,
+               segment_ids_bt: jax.Array | None = None) -> jax.Array:
+    cfg = self.cfg
+    cd = jnp.dtype(cfg.compute_dtype)
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(inputs_bt.shape[1]), inputs_bt.shape)
+    if segment_ids_bt is None:
+      segment_ids_bt = jnp.ones_like(inputs_bt)
+    x_bte = jnp.take(self.embed[...], inputs_bt, axis=0).astype(cd)
+    x_bte = sharding.constrain(x_bte, ("batch", "length", None))
+
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def body(x: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, None]:
+      return nnx.merge(graphdef, layer_state)(x, positions_bt, segment_ids_bt), None
+
+    if cfg.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    x_bte, _ = jax.lax.scan(body, x_bte, stacked)
+
+    x_bte = self.final_norm(x_bte)
+    head_ev = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+    logits = jnp.einsum("bte,ev->btv", x_bte, head_ev.astype(cd),
+                        preferred_element_type=jnp.float32)
+    return sharding.constrain(logits, ("batch", "length", "vocab"))
+
+
+def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, dict, dict]:
+  """(graphdef, abstract params as a pure dict, logical names as a matching dict); no memory."""
+  model = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  names = jax.tree.map(lambda v: v.get_metadata()["out_sharding"], state,
+                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(names)
+
+
+def init_params(cfg: ModelConfig, seed: int) -> dict:
+  """Random params as a pure dict (call under jit with out_shardings to create them sharded)."""
+  return nnx.to_pure_dict(nnx.state(Decoder(cfg, nnx.Rngs(seed))))
+
+
+def apply(graphdef: nnx.GraphDef, params: dict, inputs_bt: jax.Array,
+          positions_bt: jax.Array | None = None,
+          segment_ids_bt: jax.Array | None = None) -> jax.Array:
+  """Pure forward pass over a params dict."""
+  return nnx.merge(graphdef, params)(inputs_bt, positions_bt, segment_ids_bt)
+
+
+def count_params(params: dict) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

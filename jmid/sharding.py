@@ -1,0 +1,115 @@
+"""Device mesh and the ONE table mapping logical axis names to mesh axes.
+
+Layers name their dimensions logically (`embed`, `heads`, ...); only this file knows mesh axes.
+A dimension whose size the mesh axes do not divide is replicated instead of failing, so a small
+model still runs on a large mesh (the batch is the exception: config validation checks it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from jmid.config import ConfigError, MeshConfig
+
+AXES = ("data", "fsdp", "tensor", "context")
+
+# logical name -> mesh axes. Activations use the same names; `None` means replicated.
+RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "length": ("context",),
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "head_dim": (),
+    "layers": (),
+}
+
+Names = Sequence[str | None]
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
+  """Resolves -1 to the remaining devices; raises ConfigError when the sizes cannot fit."""
+  sizes = [cfg.data, cfg.fsdp, cfg.tensor, cfg.context]
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if n_devices % known:
+      raise ConfigError(f"mesh: the fixed axes multiply to {known}, which does not divide the "
+                        f"{n_devices} devices; pick sizes whose product divides {n_devices}")
+    sizes[sizes.index(-1)] = n_devices // known
+  if math.prod(sizes) != n_devices:
+    raise ConfigError(
+        f"mesh: data*fsdp*tensor*context = {'*'.join(map(str, sizes))} = {math.prod(sizes)} "
+        f"but there are {n_devices} devices; make the product {n_devices} or set one axis to -1")
+  return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 4-axis mesh (data, fsdp, tensor, context) with Auto axis types."""
+  devices = list(devices) if devices is not None else jax.devices()
+  shape = mesh_shape(cfg, len(devices))
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def logical_spec(names: Names, shape: Sequence[int] | None = None,
+                 mesh_sizes: dict[str, int] | None = None) -> P:
+  """PartitionSpec for logical `names`; axes that would not divide `shape` are dropped."""
+  used: set[str] = set()
+  out: list[Any] = []
+  for i, name in enumerate(names):
+    axes = [a for a in (RULES[name] if name else ()) if a not in used]
+    if mesh_sizes is not None:
+      axes = [a for a in axes if mesh_sizes.get(a, 1) > 1]
+      if shape is not None and axes and shape[i] % math.prod(mesh_sizes[a] for a in axes):
+        axes = []
+    used.update(axes)
+    out.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+  return P(*out)
+
+
+def named_sharding(mesh: Mesh, names: Names, shape: Sequence[int]) -> NamedSharding:
+  return NamedSharding(mesh, logical_spec(names, shape, dict(mesh.shape)))
+
+
+def tree_shardings(mesh: Mesh, names_tree: Any, abstract_tree: Any) -> Any:
+  """NamedShardings for a tree of arrays, given a matching tree of logical-name tuples."""
+  return jax.tree.map(lambda n, a: named_sharding(mesh, n, a.shape), names_tree, abstract_tree,
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Rows over (data, fsdp), sequence over context; used for every [B, T] batch array."""
+  return NamedSharding(mesh, logical_spec(("batch", "length"), None, dict(mesh.shape)))
+
+
+def constrain(x: jax.Array, names: Names) -> jax.Array:
+  """with_sharding_constraint by logical names; a no-op outside a mesh (e.g. plain CPU use)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_spec(names, x.shape, dict(mesh.shape)))
+
+
+def bytes_per_device(tree: Any) -> dict[jax.Device, int]:
+  """Bytes of `tree`'s addressable shards on each device (to check that FSDP shards)."""
+  out: dict[jax.Device, int] = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      out[shard.device] = out.get(shard.device, 0) + shard.data.size * shard.data.dtype.itemsize
+  return out
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  """How many ways a batch's rows are split: data * fsdp."""
+  return int(np.prod([mesh.shape[a] for a in RULES["batch"]]))

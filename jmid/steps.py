@@ -1,0 +1,93 @@
+"""Pure steps: train_step(state, batch) -> (state, metrics) and eval_step(params, batch).
+
+State is a plain dict {step, params, opt_state} so Orbax and sharding rules see ordinary
+pytrees. Losses are token SUMS until the very end, so gradient accumulation over microbatches
+gives exactly the gradient of the per-token mean over the whole global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jmid import model as model_lib
+from jmid import sharding
+
+State = dict[str, Any]
+Batch = dict[str, jax.Array]
+
+
+def init_state(params: dict, tx: optax.GradientTransformation) -> State:
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def loss_sums(graphdef: nnx.GraphDef, params: dict, batch: Batch,
+              z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(objective summed over target tokens, {ce_sum, z_sum, count}); all in float32."""
+  logits_btv = model_lib.apply(graphdef, params, batch["inputs"], batch["positions"],
+                               batch["segment_ids"])
+  logz_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+  target_logit_bt = jnp.take_along_axis(logits_btv, batch["targets"][..., None], axis=-1)[..., 0]
+  mask_bt = batch["loss_mask"].astype(jnp.float32)
+  ce_sum = jnp.sum((logz_bt - target_logit_bt) * mask_bt)
+  z_sum = jnp.sum(jnp.square(logz_bt) * mask_bt)
+  objective = ce_sum + z_loss * z_sum
+  return objective, {"ce_sum": ce_sum, "z_sum": z_sum, "count": jnp.sum(mask_bt)}
+
+
+def _microbatches(batch: Batch, n: int) -> Batch:
+  """[B, T] -> [n, B/n, T], taking every n-th row so each microbatch spans all devices."""
+  def split(x: jax.Array) -> jax.Array:
+    b = x.shape[0]
+    x = x.reshape(b // n, n, *x.shape[1:]).swapaxes(0, 1)
+    return sharding.constrain(x, (None, "batch", "length"))
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    lr_fn: optax.Schedule, microbatches: int = 1,
+                    z_loss: float = 0.0) -> Callable[[State, Batch], tuple[State, dict]]:
+  """Builds the pure step; train.py jits it once with explicit shardings and donation."""
+  grad_fn = jax.grad(lambda p, b: loss_sums(graphdef, p, b, z_loss), has_aux=True)
+
+  def train_step(state: State, batch: Batch) -> tuple[State, dict]:
+    params = state["params"]
+    if microbatches == 1:
+      grads, sums = grad_fn(params, batch)
+    else:
+      def accumulate(carry: tuple, mb: Batch) -> tuple[tuple, None]:
+        g_acc, s_acc = carry
+        g, s = grad_fn(params, mb)
+        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
+      zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      zeros_s = {k: jnp.zeros((), jnp.float32) for k in ("ce_sum", "z_sum", "count")}
+      (grads, sums), _ = jax.lax.scan(accumulate, (zeros_g, zeros_s),
+                                      _microbatches(batch, microbatches))
+    count = jnp.maximum(sums["count"], 1.0)
+    grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, params)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                 "opt_state": opt_state}
+    metrics = {
+        "loss": sums["ce_sum"] / count,
+        "z_loss": sums["z_sum"] / count,
+        "grad_norm": optax.tree.norm(grads),
+        "lr": lr_fn(state["step"]),
+        "target_tokens": sums["count"],
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[dict, Batch], dict[str, jax.Array]]:
+  """(params, batch) -> {ce_sum, count}: the caller averages over batches per target token."""
+  def eval_step(params: dict, batch: Batch) -> dict[str, jax.Array]:
+    _, sums = loss_sums(graphdef, params, batch)
+    return {"ce_sum": sums["ce_sum"], "count": sums["count"]}
+  return eval_step

@@ -1,0 +1,268 @@
+"""`python -m jmid.train --config=configs/demo/pretrain.py [--config.section.key=value ...]`.
+
+train(): config -> mesh -> abstract model -> shardings -> state created sharded under jit ->
+resume (this workdir's latest checkpoint) or random init -> data -> loop of one jitted,
+donated train_step; metrics every log step, eval, async checkpoints, and a final save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from absl import flags, logging
+from ml_collections import ConfigDict, config_flags
+
+from jmid import checkpoint as ckpt_lib
+from jmid import config as config_lib
+from jmid import metrics as metrics_lib
+from jmid import model as model_lib
+from jmid import optim, sharding, steps
+from jmid.config import ConfigError, UserError
+from jmid.data import pipeline
+from jmid.data.tokenfile import TokenFile
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (Python).")
+
+
+class _StopRequest:
+  """Set by SIGTERM/SIGINT; the loop saves at the next step boundary and exits cleanly."""
+
+  def __init__(self) -> None:
+    self.requested = False
+
+  def __call__(self, signum: int, frame: Any) -> None:
+    del frame
+    self.requested = True
+    metrics_lib.eprint(f"jmid: got signal {signum}; saving a checkpoint at the next step")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything jitted and sharded for one config on one mesh (shared by train and tests)."""
+
+  graphdef: Any
+  tx: optax.GradientTransformation
+  lr_fn: optax.Schedule
+  param_sh: Any
+  state_sh: Any
+  batch_sh: jax.sharding.NamedSharding
+  abstract_state: Any  # ShapeDtypeStructs carrying state_sh
+  create_state: Any  # () -> state, random init created directly sharded
+  train_step: Any  # (state, batch) -> (state, metrics), state donated
+  eval_step: Any  # (params, batch) -> {ce_sum, count}
+
+
+def setup(c: config_lib.Config, mesh: jax.sharding.Mesh) -> Setup:
+  """Abstract model -> logical shardings -> jitted create / train / eval with explicit shardings."""
+  graphdef, abstract_params, names = model_lib.abstract_model(c.model)
+  param_sh = sharding.tree_shardings(mesh, names, abstract_params)
+  tx = optim.make_optimizer(c.optim, c.train.steps)
+  lr_fn = optim.schedule(c.optim, c.train.steps)
+  abstract_state = jax.eval_shape(lambda p: steps.init_state(p, tx), abstract_params)
+  rep = sharding.replicated(mesh)
+  opt_sh = optax.tree_utils.tree_map_params(tx, lambda _, s: s, abstract_state["opt_state"],
+                                            param_sh, transform_non_params=lambda _: rep)
+  state_sh = {"step": rep, "params": param_sh, "opt_state": opt_sh}
+  batch_sh = sharding.batch_sharding(mesh)
+  create = jax.jit(lambda: steps.init_state(model_lib.init_params(c.model, c.run.seed), tx),
+                   out_shardings=state_sh)
+  train_step = jax.jit(
+      steps.make_train_step(graphdef, tx, lr_fn, c.train.microbatches, c.optim.z_loss),
+      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep), donate_argnums=0)
+  eval_step = jax.jit(steps.make_eval_step(graphdef), in_shardings=(param_sh, batch_sh))
+  return Setup(graphdef, tx, lr_fn, param_sh, state_sh, batch_sh,
+               ckpt_lib.abstract_with_shardings(abstract_state, state_sh), create, train_step,
+               eval_step)
+
+
+def check_batch(c: config_lib.Config, mesh: jax.sharding.Mesh) -> None:
+  """The global batch must split evenly over data*fsdp, microbatches and processes."""
+  ways = sharding.batch_divisor(mesh) * c.train.microbatches
+  if c.train.global_batch % ways:
+    raise ConfigError(
+        f"train.global_batch={c.train.global_batch} is not divisible by mesh data*fsdp "
+        f"({sharding.batch_divisor(mesh)}) x train.microbatches ({c.train.microbatches}) = "
+        f"{ways}; use a multiple of {ways}")
+  if c.train.global_batch % jax.process_count():
+    raise ConfigError(f"train.global_batch={c.train.global_batch} is not divisible by the "
+                      f"{jax.process_count()} processes")
+
+
+def check_vocab(paths: dict[str, str], vocab_size: int) -> None:
+  """Token files written for a larger vocabulary than the model's would index past the table."""
+  for name, path in paths.items():
+    file_vocab = TokenFile(path).meta["vocab_size"]
+    if file_vocab > vocab_size:
+      raise ConfigError(f"data.sources.{name}: {path} was tokenized with a vocabulary of "
+                        f"{file_vocab} but model.vocab_size={vocab_size}; raise "
+                        "model.vocab_size or re-tokenize the data")
+
+
+def to_global(batch: dict[str, np.ndarray], batch_sh: jax.sharding.Sharding) -> dict:
+  """This process's rows -> global arrays sharded over (data, fsdp)."""
+  return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in batch.items()}
+
+
+def evaluate(eval_step: Any, params: dict, eval_sets: dict[str, list[dict]]) -> dict[str, float]:
+  """Mean loss per target token for each source and over all sources."""
+  out, total_ce, total_n = {}, 0.0, 0.0
+  for source, batches in eval_sets.items():
+    sums = [eval_step(params, b) for b in batches]
+    ce = float(sum(s["ce_sum"] for s in sums))
+    n = float(sum(s["count"] for s in sums))
+    out[f"eval/{source}/loss"] = ce / max(n, 1.0)
+    total_ce, total_n = total_ce + ce, total_n + n
+  out["eval/loss"] = total_ce / max(total_n, 1.0)
+  return out
+
+
+def train(cfg_dict: ConfigDict, stop_after: int | None = None) -> dict[str, Any]:
+  """Runs (or resumes) the configured run; returns the last logged record.
+
+  stop_after: process at most this many steps in this call, then checkpoint and return, exactly
+  as on SIGTERM (for time-sliced jobs, notebooks and resume tests); the schedule is unchanged.
+  """
+  c = config_lib.from_configdict(cfg_dict)
+  mesh = sharding.make_mesh(c.mesh)
+  check_batch(c, mesh)
+  main_process = jax.process_index() == 0
+  paths = pipeline.resolve_sources(c.data)
+  check_vocab(paths, c.model.vocab_size)
+  os.makedirs(c.run.workdir, exist_ok=True)
+  if main_process:
+    with open(os.path.join(c.run.workdir, "config.json"), "w") as f:
+      json.dump(config_lib.to_json_dict(c), f, indent=2)
+
+  su = setup(c, mesh)
+  local_batch = c.train.global_batch // jax.process_count()
+  shard = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+  data_iter = pipeline.train_iterator(c.data, paths, batch_size=local_batch,
+                                      seed=c.run.seed, **shard)
+  manager = ckpt_lib.make_manager(c.run.workdir, c.train.keep_checkpoints)
+  with jax.set_mesh(mesh):
+    latest = manager.latest_step()
+    if latest is not None:
+      state, _ = ckpt_lib.restore(manager, latest, su.abstract_state, data_iter)
+      start, how = latest, f"resumed from {manager.directory}/{latest}"
+    else:
+      state, start, how = su.create_state(), 0, "random init"
+    if main_process:
+      n_params = model_lib.count_params(state["params"])
+      print(f"jmid: {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} | "
+            f"{jax.device_count()} {jax.devices()[0].platform} devices | {how}", flush=True)
+    eval_sets = {name: [to_global(b, su.batch_sh) for b in batches]
+                 for name, batches in pipeline.eval_batches(
+                     c.data, paths, batch_size=local_batch, n_batches=c.train.eval_batches,
+                     seed=c.run.seed, **shard).items()}
+    baseline = pipeline.unigram_loss(paths, c.data.eval_fraction, c.run.seed,
+                                     c.model.vocab_size)
+    last = _loop(c, su, manager, state, data_iter, eval_sets, start, baseline, main_process,
+                 stop_after)
+  if main_process and "eval/loss" in last:
+    print(f"jmid: done at step {last['step']}: eval loss {last['eval/loss']:.4f} "
+          f"(unigram baseline {baseline:.4f}) | workdir {c.run.workdir}", flush=True)
+  return last
+
+
+def _loop(c: config_lib.Config, su: Setup, manager: Any, state: dict, data_iter: Any,
+          eval_sets: dict, start: int, baseline: float, main_process: bool,
+          stop_after: int | None) -> dict[str, Any]:
+  """The training loop; only log steps synchronise with the device."""
+  writer = metrics_lib.MetricsWriter(c.run.workdir, c.train.steps, start, main_process)
+  stop = _StopRequest()
+  old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+  tokens_per_step = c.train.global_batch * c.data.seq_len
+  flops = metrics_lib.flops_per_token(c.model, c.data.seq_len)
+  peak = metrics_lib.peak_flops(jax.devices()[0])
+  watch, since_log, last = metrics_lib.Stopwatch(), 0, {"step": start}
+
+  def meta(step: int) -> dict[str, Any]:
+    return {"step": step, "tokens": step * tokens_per_step, "lr": float(su.lr_fn(step)),
+            "model": dataclasses.asdict(c.model), "config": config_lib.to_json_dict(c)}
+
+  step = start
+  end = c.train.steps if stop_after is None else min(c.train.steps, start + stop_after)
+  try:
+    while step < end and not stop.requested:
+      state, m = su.train_step(state, to_global(next(data_iter), su.batch_sh))
+      step += 1
+      since_log += 1
+      if step == start + 1:  # the first step carries compilation: keep it out of tok/s
+        jax.block_until_ready(m)
+        watch.reset()
+        since_log = 0
+      if step % c.train.log_every_steps == 0 or step == c.train.steps:
+        record = {k: float(v) for k, v in jax.device_get(m).items()}
+        dt = watch.elapsed()
+        tps = since_log * tokens_per_step / dt if since_log else None
+        record.update(tokens=step * tokens_per_step, tokens_per_sec=tps,
+                      mfu=tps * flops / (peak * jax.device_count()) if peak and tps else None)
+        if (c.train.eval_every_steps and step % c.train.eval_every_steps == 0) \
+            or step == c.train.steps:
+          t0 = time.perf_counter()
+          record.update(evaluate(su.eval_step, state["params"], eval_sets))
+          record["eval/unigram_baseline"] = baseline
+          watch.paused += time.perf_counter() - t0
+        eta = (c.train.steps - step) * dt / since_log if since_log else float("nan")
+        writer.write(step, record, eta_seconds=eta)
+        last = {"step": step, **record}
+        watch.reset()
+        since_log = 0
+      if step % c.train.checkpoint_every_steps == 0 and step < c.train.steps:
+        ckpt_lib.save(manager, step, state, data_iter, meta(step))
+    if manager.latest_step() != step:
+      ckpt_lib.save(manager, step, state, data_iter, meta(step))
+    manager.wait_until_finished()
+  finally:
+    for s, h in old_handlers.items():
+      signal.signal(s, h)
+    writer.close()
+    manager.close()
+  return {**last, "step": step}
+
+
+def parse_config(argv: list[str]) -> ConfigDict:
+  """--config with its overrides applied, every failure as one ConfigError line.
+
+  ml_collections defers errors: an unknown override key raises AttributeError while flags
+  parse, and a config file that fails to load raises only when the config is first read.
+  """
+  try:
+    flags.FLAGS(argv)
+    cfg = _CONFIG.value
+    if cfg is None:
+      raise ConfigError("--config is required, e.g. --config=configs/demo/pretrain.py")
+    cfg.to_dict()
+  except ConfigError:
+    raise
+  except (AttributeError, KeyError) as e:
+    raise ConfigError(f"an override names a config key that does not exist: {e}; "
+                      "configs/base.py lists every key") from None
+  except Exception as e:  # a bad flag value, a missing config file, or one that raised
+    lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+    raise ConfigError(f"--config: {lines[-1] if lines else repr(e)}") from None
+  return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+  try:
+    cfg = parse_config(list(sys.argv if argv is None else argv))
+    logging.set_verbosity(logging.WARNING)
+    train(cfg)
+  except UserError as e:
+    print(f"jmid: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

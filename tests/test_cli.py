@@ -1,0 +1,50 @@
+"""Bad input through the real CLI: one clear line on stderr, exit code 2, nothing created."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CASES = [
+    (["--config.model.n_kv_heads=3"], "model.n_kv_heads=3 does not divide model.n_heads=8"),
+    (["--config.model.n_heads=7"], "model.n_heads=7 does not divide model.d_model=256"),
+    (["--config.mesh.data=3"], "mesh"),
+    (["--config.train.global_batch=30"], "train.global_batch=30 is not divisible"),
+    (["--config.train.steps=-5"], "train.steps=-5"),
+    (["--config.model.attention=flash"], "model.attention='flash': unknown"),
+    (["--config.optim.schedule=step"], "optim.schedule='step': unknown"),
+    (["--config.optim.lr=-1.0"], "optim.lr=-1.0"),
+    (["--config.model.bogus=1"], "bogus"),
+    (["--config.train.steps=ten"], "steps"),
+    (["--config.data.seq_len=0"], "data.seq_len=0"),
+]
+
+
+def _run(args: list[str], tmp_path, config: str = "configs/demo/pretrain.py"):
+  workdir = tmp_path / "run"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "jmid.train", f"--config={config}",
+         f"--config.run.workdir={workdir}", f"--config.data.cache_dir={tmp_path / 'cache'}", *args]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  return proc, workdir
+
+
+@pytest.mark.parametrize("args,expected", CASES, ids=[a[0] for a, _ in CASES])
+def test_bad_config_exits_2_with_one_line(args, expected, tmp_path):
+  proc, workdir = _run(args, tmp_path)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+  assert "Traceback" not in proc.stderr
+  assert lines[-1].startswith("jmid: error:"), proc.stderr[-2000:]
+  assert expected in lines[-1], lines[-1]
+  assert not workdir.exists()  # nothing half-written
+
+
+def test_missing_config_file(tmp_path):
+  proc, _ = _run([], tmp_path, config="configs/does_not_exist.py")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith("jmid: error:")

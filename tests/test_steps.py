@@ -1,0 +1,40 @@
+"""The train step learns, and gradient accumulation equals one big batch."""
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from jmid import config as config_lib
+from jmid import sharding, train
+from tests.helpers import tiny_configdict
+from tests.test_sharding import synthetic_batch
+
+
+def _run(microbatches: int, steps: int, same_batch: bool) -> list[float]:
+  c = tiny_configdict()
+  c.mesh.fsdp = 1
+  c.train.microbatches = microbatches
+  c.optim.lr = 1e-2
+  cfg = config_lib.from_configdict(c)
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  su = train.setup(cfg, mesh)
+  with jax.set_mesh(mesh):
+    state = su.create_state()
+    losses = []
+    for i in range(steps):
+      b = synthetic_batch(8, 16, 64, seed=0 if same_batch else i)
+      state, m = su.train_step(state, train.to_global(b, su.batch_sh))
+      losses.append(float(m["loss"]))
+  return losses
+
+
+def test_loss_falls_in_a_few_steps():
+  losses = _run(1, 8, same_batch=True)
+  assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_microbatch_accumulation_equals_full_batch():
+  full = _run(1, 3, same_batch=False)
+  accum = _run(4, 3, same_batch=False)
+  np.testing.assert_allclose(accum, full, rtol=1e-5)
