@@ -78,6 +78,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.train.keep_checkpoints = 3  # newest checkpoints kept
 
   c.init = ConfigDict()
-  c.init.from_path = ""  # start from another run's workdir (params); "" = random init
-  c.init.load = "params"  # params (fresh optimizer, step 0)
+  c.init.from_path = ""  # another run's workdir or checkpoint step folder; "" = random init
+  c.init.load = "params"  # params: its params, fresh optimizer, step 0 (a resume always wins)
   return c

@@ -51,6 +51,37 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
   return out["state"], dict(out["meta"])
 
 
+def resolve_step_dir(path: str) -> str:
+  """A run's workdir (its latest checkpoint) or one checkpoint step folder -> the step folder."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(os.path.join(path, "state")):
+    return path
+  ckpt_dir = os.path.join(path, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) \
+      if os.path.isdir(ckpt_dir) else []
+  if not steps:
+    raise UserError(f"init.from_path={path}: not a jmid workdir with checkpoints nor a "
+                    "checkpoint step folder (one holding state/); point it at one")
+  return os.path.join(ckpt_dir, str(steps[-1]))
+
+
+def load_params(path: str, abstract_params: Any) -> Any:
+  """Only the params of another run's checkpoint, placed on the shardings `abstract_params`
+  carries (the optimizer state in the file is never read)."""
+  step_dir = resolve_step_dir(path)
+  target = {"params": abstract_params}
+  try:
+    out = ocp.PyTreeCheckpointer().restore(
+        os.path.join(step_dir, "state"),
+        args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise UserError(f"init.from_path: {step_dir} does not hold params of this model "
+                    f"({_first_line(e)}); check model.* against the source run") from None
+  return out["params"]
+
+
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       tree, shardings)

@@ -244,8 +244,8 @@ def validate(c: Config) -> None:
   _check(t.global_batch % t.microbatches == 0,
          f"train.global_batch={t.global_batch} is not divisible by "
          f"train.microbatches={t.microbatches}")
-  _check(o.warmup_steps + (o.decay_steps if o.schedule == "wsd" else 0) <= max(t.steps, 1)
-         or o.schedule == "constant",
+  _check(o.warmup_steps + (o.decay_steps if o.schedule == "wsd" else 0) <= t.steps
+         or o.schedule == "constant" or t.steps == 0,
          f"optim.warmup_steps={o.warmup_steps} (+ decay_steps) exceeds train.steps={t.steps}; "
          "shorten the warmup or train longer")
   for key in ("log_every_steps", "eval_batches", "keep_checkpoints", "checkpoint_every_steps"):

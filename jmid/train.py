@@ -57,6 +57,7 @@ class Setup:
   batch_sh: jax.sharding.NamedSharding
   abstract_state: Any  # ShapeDtypeStructs carrying state_sh
   create_state: Any  # () -> state, random init created directly sharded
+  state_from_params: Any  # params -> state at step 0 with a fresh optimizer
   train_step: Any  # (state, batch) -> (state, metrics), state donated
   eval_step: Any  # (params, batch) -> {ce_sum, count}
 
@@ -75,13 +76,15 @@ def setup(c: config_lib.Config, mesh: jax.sharding.Mesh) -> Setup:
   batch_sh = sharding.batch_sharding(mesh)
   create = jax.jit(lambda: steps.init_state(model_lib.init_params(c.model, c.run.seed), tx),
                    out_shardings=state_sh)
+  from_params = jax.jit(lambda p: steps.init_state(p, tx), in_shardings=(param_sh,),
+                        out_shardings=state_sh)
   train_step = jax.jit(
       steps.make_train_step(graphdef, tx, lr_fn, c.train.microbatches, c.optim.z_loss),
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep), donate_argnums=0)
   eval_step = jax.jit(steps.make_eval_step(graphdef), in_shardings=(param_sh, batch_sh))
   return Setup(graphdef, tx, lr_fn, param_sh, state_sh, batch_sh,
-               ckpt_lib.abstract_with_shardings(abstract_state, state_sh), create, train_step,
-               eval_step)
+               ckpt_lib.abstract_with_shardings(abstract_state, state_sh), create, from_params,
+               train_step, eval_step)
 
 
 def check_batch(c: config_lib.Config, mesh: jax.sharding.Mesh) -> None:
@@ -153,6 +156,11 @@ def train(cfg_dict: ConfigDict, stop_after: int | None = None) -> dict[str, Any]
     if latest is not None:
       state, _ = ckpt_lib.restore(manager, latest, su.abstract_state, data_iter)
       start, how = latest, f"resumed from {manager.directory}/{latest}"
+    elif c.init.from_path:
+      start = 0
+      state = su.state_from_params(
+          ckpt_lib.load_params(c.init.from_path, su.abstract_state["params"]))
+      how = f"params from {ckpt_lib.resolve_step_dir(c.init.from_path)}, fresh optimizer"
     else:
       state, start, how = su.create_state(), 0, "random init"
     if main_process:
@@ -200,14 +208,15 @@ def _loop(c: config_lib.Config, su: Setup, manager: Any, state: dict, data_iter:
         jax.block_until_ready(m)
         watch.reset()
         since_log = 0
-      if step % c.train.log_every_steps == 0 or step == c.train.steps:
+      eval_now = step == c.train.steps or bool(
+          c.train.eval_every_steps and step % c.train.eval_every_steps == 0)
+      if eval_now or step % c.train.log_every_steps == 0:
         record = {k: float(v) for k, v in jax.device_get(m).items()}
         dt = watch.elapsed()
         tps = since_log * tokens_per_step / dt if since_log else None
         record.update(tokens=step * tokens_per_step, tokens_per_sec=tps,
                       mfu=tps * flops / (peak * jax.device_count()) if peak and tps else None)
-        if (c.train.eval_every_steps and step % c.train.eval_every_steps == 0) \
-            or step == c.train.steps:
+        if eval_now:
           t0 = time.perf_counter()
           record.update(evaluate(su.eval_step, state["params"], eval_sets))
           record["eval/unigram_baseline"] = baseline

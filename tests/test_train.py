@@ -65,3 +65,55 @@ def test_resume_gives_the_same_losses_as_straight(tmp_path, cache_dir):
   assert sorted(resumed) == list(range(1, 9))  # no duplicated or missing steps
   for step in range(1, 9):
     assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7), step
+
+
+def test_resume_from_a_mid_run_async_checkpoint(tmp_path, cache_dir):
+  """Checkpoint 3 was written asynchronously while the loop went on: it must hold step 3."""
+  import shutil
+  straight = tmp_path / "straight"
+  train.train(_cfg(straight, cache_dir, steps=8))
+  resumed = tmp_path / "from3"
+  shutil.copytree(straight, resumed)
+  for step in ("6", "8"):
+    shutil.rmtree(resumed / "checkpoints" / step)
+  train.train(_cfg(resumed, cache_dir, steps=8))
+  a, b = _losses(straight), _losses(resumed)
+  assert sorted(b) == list(range(1, 9))
+  for step in range(4, 9):
+    assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
+
+
+def test_init_from_path_loads_params_with_a_fresh_optimizer(tmp_path, cache_dir):
+  src = tmp_path / "src"
+  train.train(_cfg(src, cache_dir, steps=6))
+  c = _cfg(tmp_path / "dst", cache_dir, steps=0)
+  c.optim.warmup_steps, c.init.from_path = 0, str(src)
+  train.train(c)
+  saved, loaded = _raw_state(src / "checkpoints" / "6"), _raw_state(tmp_path / "dst" /
+                                                                   "checkpoints" / "0")
+  for x, y in zip(jax_leaves(saved["params"]), jax_leaves(loaded["params"])):
+    np.testing.assert_array_equal(x, y)
+  assert int(loaded["step"]) == 0
+  for mu in jax_leaves(loaded["opt_state"]):
+    assert not np.any(mu)  # fresh Adam moments and count
+  meta = json.loads((tmp_path / "dst" / "checkpoints" / "0" / "meta" / "metadata").read_text())
+  assert meta["step"] == 0
+
+
+def test_init_from_a_path_that_is_not_a_checkpoint(tmp_path, cache_dir):
+  from jmid.config import UserError
+  c = _cfg(tmp_path / "dst", cache_dir, steps=6)
+  c.init.from_path = str(tmp_path)
+  with pytest.raises(UserError, match="init.from_path"):
+    train.train(c)
+
+
+def _raw_state(step_dir):
+  """The saved state read back by Orbax alone (no jmid code), as numpy arrays."""
+  import orbax.checkpoint as ocp
+  return ocp.PyTreeCheckpointer().restore(str(step_dir / "state"))
+
+
+def jax_leaves(tree):
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]

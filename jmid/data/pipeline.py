@@ -67,7 +67,7 @@ def resolve_sources(cfg: DataConfig) -> dict[str, str]:
       continue
     if not src.path:
       raise UserError(f"data.sources.{name}.path is empty: set it to a token-file directory "
-                      "(made by `python -m jmid.data.prepare`)")
+                      "(written by jmid.data.tokenfile.write_token_file)")
     paths[name] = os.path.abspath(os.path.expanduser(src.path))
   for name, path in paths.items():
     try:

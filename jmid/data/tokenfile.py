@@ -24,7 +24,7 @@ import numpy as np
 from jmid.config import UserError
 
 FORMAT = "jmid-tokens-v1"
-_FIX = "rebuild it with `python -m jmid.data.prepare` (or fix the path)"
+_FIX = "rewrite it with jmid.data.tokenfile.write_token_file (or fix the path)"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
