@@ -24,7 +24,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from jmid import config as config_lib  # noqa: E402
 from jmid import sharding, train  # noqa: E402
@@ -32,14 +31,8 @@ from jmid.data import pipeline  # noqa: E402
 
 
 def _load(path: str, sets: list[str], workdir: str, steps: int):
-  cfg = config_flags.load_config_file(path)  # type: ignore[attr-defined]
-  for item in sets:
-    key, value = item.split("=", 1)
-    node = cfg
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
+  """The config as the CLI would build it (same override parsing), then benchmark settings."""
+  cfg = train.parse_config(["benchmark", f"--config={path}", *[f"--config.{s}" for s in sets]])
   cfg.run.workdir = workdir
   cfg.train.steps = steps
   cfg.train.log_every_steps = 10
