@@ -203,6 +203,9 @@ def validate(c: Config) -> None:
   _choice("model.remat", m.remat, REMAT)
   _choice("model.param_dtype", m.param_dtype, DTYPES)
   _choice("model.compute_dtype", m.compute_dtype, DTYPES)
+  _check(m.attention != "cudnn" or m.compute_dtype in ("bfloat16", "float16"),
+         f"model.attention='cudnn' needs model.compute_dtype bfloat16 or float16, not "
+         f"{m.compute_dtype!r}; change one of them")
 
   for key in ("data", "fsdp", "tensor", "context"):
     v = getattr(c.mesh, key)

@@ -87,8 +87,13 @@ def setup(c: config_lib.Config, mesh: jax.sharding.Mesh) -> Setup:
                train_step, eval_step)
 
 
-def check_batch(c: config_lib.Config, mesh: jax.sharding.Mesh) -> None:
-  """The global batch must split evenly over data*fsdp, microbatches and processes."""
+def check_runtime(c: config_lib.Config, mesh: jax.sharding.Mesh) -> None:
+  """What depends on the devices: the batch must split over data*fsdp, microbatches and
+  processes; cuDNN attention needs an NVIDIA GPU."""
+  platform = mesh.devices.flat[0].platform
+  if c.model.attention == "cudnn" and platform != "gpu":
+    raise ConfigError(f"model.attention='cudnn' needs an NVIDIA GPU but this run has {platform} "
+                      "devices; use model.attention='xla'")
   ways = sharding.batch_divisor(mesh) * c.train.microbatches
   if c.train.global_batch % ways:
     raise ConfigError(
@@ -136,7 +141,7 @@ def train(cfg_dict: ConfigDict, stop_after: int | None = None) -> dict[str, Any]
   """
   c = config_lib.from_configdict(cfg_dict)
   mesh = sharding.make_mesh(c.mesh)
-  check_batch(c, mesh)
+  check_runtime(c, mesh)
   main_process = jax.process_index() == 0
   paths = pipeline.resolve_sources(c.data)
   check_vocab(paths, c.model.vocab_size)

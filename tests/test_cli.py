@@ -20,6 +20,9 @@ CASES = [
     (["--config.model.bogus=1"], "bogus"),
     (["--config.train.steps=ten"], "steps"),
     (["--config.data.seq_len=0"], "data.seq_len=0"),
+    (["--config.model.attention=cudnn"], "model.attention='cudnn' needs model.compute_dtype"),
+    (["--config.model.attention=cudnn", "--config.model.compute_dtype=bfloat16"],
+     "model.attention='cudnn' needs an NVIDIA GPU"),
 ]
 
 

@@ -60,3 +60,27 @@ def test_sigkill_then_same_command_matches_uninterrupted(tmp_path):
   a, b = _losses(straight), _losses(killed)
   assert sorted(b) == list(range(1, STEPS + 1))
   assert b == a  # bit for bit on CPU, data order included
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_next_step_and_exits_0(tmp_path):
+  cache = str(tmp_path / "cache")
+  straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+  subprocess.run(_cmd(straight, cache), cwd=ROOT, env=_env(), check=True, capture_output=True,
+                 timeout=600)
+  proc = subprocess.Popen(_cmd(stopped, cache), cwd=ROOT, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(stopped, "metrics.jsonl")
+  deadline = time.time() + 300
+  while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 7):
+    assert proc.poll() is None and time.time() < deadline, "run ended before the signal"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  last = max(_losses(stopped))
+  assert last < STEPS
+  assert os.path.isdir(os.path.join(stopped, "checkpoints", str(last)))  # saved where it stopped
+  subprocess.run(_cmd(stopped, cache), cwd=ROOT, env=_env(), check=True, capture_output=True,
+                 timeout=600)
+  assert _losses(stopped) == _losses(straight)
