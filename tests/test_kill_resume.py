@@ -37,50 +37,61 @@ def _losses(workdir):
   return {r["step"]: r["loss"] for r in records}
 
 
-@pytest.mark.slow
-def test_sigkill_then_same_command_matches_uninterrupted(tmp_path):
-  cache = str(tmp_path / "cache")
-  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-  subprocess.run(_cmd(straight, cache), cwd=ROOT, env=_env(), check=True, capture_output=True,
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """(cache dir, losses of the uninterrupted run), shared by the interruption tests."""
+  tmp = tmp_path_factory.mktemp("straight")
+  cache, workdir = str(tmp / "cache"), str(tmp / "run")
+  subprocess.run(_cmd(workdir, cache), cwd=ROOT, env=_env(), check=True, capture_output=True,
                  timeout=600)
-  proc = subprocess.Popen(_cmd(killed, cache), cwd=ROOT, env=_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  return cache, _losses(workdir)
+
+
+def _start_and_wait(workdir, cache, ready):
+  """Starts the CLI and returns it once ready() holds (it must still be running)."""
+  proc = subprocess.Popen(_cmd(workdir, cache), cwd=ROOT, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
-  while not os.path.isdir(os.path.join(killed, "checkpoints", "10")):
-    assert proc.poll() is None and time.time() < deadline, "no checkpoint before the kill"
+  while not ready():
+    assert proc.poll() is None and time.time() < deadline, "the run ended before the signal"
     time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  partial = _losses(killed)
-  assert max(partial) < STEPS  # it really died mid-run
-  out = subprocess.run(_cmd(killed, cache), cwd=ROOT, env=_env(), capture_output=True,
+  return proc
+
+
+def _finish(workdir, cache):
+  out = subprocess.run(_cmd(workdir, cache), cwd=ROOT, env=_env(), capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "resumed from" in out.stdout
-  a, b = _losses(straight), _losses(killed)
-  assert sorted(b) == list(range(1, STEPS + 1))
-  assert b == a  # bit for bit on CPU, data order included
 
 
 @pytest.mark.slow
-def test_sigterm_saves_at_the_next_step_and_exits_0(tmp_path):
-  cache = str(tmp_path / "cache")
-  straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
-  subprocess.run(_cmd(straight, cache), cwd=ROOT, env=_env(), check=True, capture_output=True,
-                 timeout=600)
-  proc = subprocess.Popen(_cmd(stopped, cache), cwd=ROOT, env=_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def test_sigkill_then_same_command_matches_uninterrupted(tmp_path, straight):
+  cache, expected = straight
+  killed = str(tmp_path / "killed")
+  proc = _start_and_wait(killed, cache,
+                         lambda: os.path.isdir(os.path.join(killed, "checkpoints", "10")))
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  assert max(_losses(killed)) < STEPS  # it really died mid-run
+  _finish(killed, cache)
+  losses = _losses(killed)
+  assert sorted(losses) == list(range(1, STEPS + 1))
+  assert losses == expected  # bit for bit on CPU, data order included
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_next_step_and_exits_0(tmp_path, straight):
+  cache, expected = straight
+  stopped = str(tmp_path / "stopped")
   metrics = os.path.join(stopped, "metrics.jsonl")
-  deadline = time.time() + 300
-  while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 7):
-    assert proc.poll() is None and time.time() < deadline, "run ended before the signal"
-    time.sleep(0.05)
+  proc = _start_and_wait(stopped, cache, lambda: os.path.exists(metrics) and
+                         len(open(metrics).readlines()) >= 7)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-2000:]
   last = max(_losses(stopped))
   assert last < STEPS
   assert os.path.isdir(os.path.join(stopped, "checkpoints", str(last)))  # saved where it stopped
-  subprocess.run(_cmd(stopped, cache), cwd=ROOT, env=_env(), check=True, capture_output=True,
-                 timeout=600)
-  assert _losses(stopped) == _losses(straight)
+  _finish(stopped, cache)
+  assert _losses(stopped) == expected
