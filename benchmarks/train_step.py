@@ -46,11 +46,13 @@ def _load(path: str, sets: list[str], workdir: str, steps: int):
 def bare_step_seconds(c: config_lib.Config, steps: int) -> float:
   mesh = sharding.make_mesh(c.mesh)
   su = train.setup(c, mesh)
-  paths = pipeline.resolve_sources(c.data)
-  it = pipeline.train_iterator(c.data, paths, batch_size=c.train.global_batch, seed=0)
+  srcs = pipeline.open_sources(c.data)
+  it = pipeline.train_iterator(c.data, srcs, batch_size=c.train.global_batch, seed=0)
   with jax.set_mesh(mesh):
     state = su.create_state()
-    batch = train.to_global(next(it), su.batch_sh)
+    batch = next(it)
+    batch.pop("source")
+    batch = train.to_global(batch, su.batch_sh)
     state, m = su.train_step(state, batch)  # compile
     jax.block_until_ready(m)
     t0 = time.perf_counter()

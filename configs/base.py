@@ -46,7 +46,12 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.data = ConfigDict()
   c.data.demo = False  # build the built-in demo corpus (code, math, text) and use its sources
   c.data.cache_dir = "~/.cache/jmid"  # where the demo corpus is built once
-  c.data.sources = ConfigDict()  # name -> ConfigDict(path=token-file dir, weight=float)
+  # name -> ConfigDict(path=..., and optionally weight, format, kind, field, dtype, eos_id,
+  # eval_path): see SourceConfig in jmid/config.py for each key's meaning and default
+  c.data.sources = ConfigDict()
+  c.data.tokenizer = "byte"  # 'byte' (the demo's) or a Hugging Face tokenizer.json path
+  c.data.mixture = ()  # ((start_step, {source: weight}), ...); () = constant source weights
+  c.data.mixture_interpolation = "step"  # step | linear: weights between mixture stages
   c.data.seq_len = 1024  # tokens per packed row
   c.data.eval_fraction = 0.02  # share of each source's documents held out for eval
   c.data.packing = "concat"  # concat (concat-then-split) | first_fit

@@ -29,6 +29,10 @@ SCHEDULES = ("constant", "cosine", "linear", "wsd")
 DECAY_SHAPES = ("linear", "1-sqrt", "cosine")
 PACKING = ("concat", "first_fit")
 LOADS = ("params",)
+FORMATS = ("tokens", "npy", "bin", "arrayrecord", "jsonl", "parquet")
+KINDS = ("text", "chat")
+INTERPOLATIONS = ("step", "linear")
+DEMO_SOURCES = ("code", "math", "text", "chat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +80,20 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SourceConfig:
-  path: str
-  weight: float
+  """One data source; every key but path has a default, so a config names only what differs."""
+
+  path: str  # a file, a directory or a glob
+  weight: float = 1.0  # mixture weight when data.mixture is empty
+  format: str = "tokens"  # tokens | npy | bin | arrayrecord | jsonl | parquet
+  kind: str = "text"  # text | chat (messages; prompt tokens get no loss)
+  field: str = ""  # jsonl/parquet column; "" = 'text' for text, 'messages' for chat
+  dtype: str = "uint16"  # bin: token dtype (npy files carry their own)
+  eos_id: int = -1  # npy/bin: the id that ends each document; -1 = the tokenizer's EOS
+  eval_path: str = ""  # an explicit held-out set in the same format; "" = split one off
+
+
+# (start_step, {source: weight}) stages of a mixture schedule, weights as token proportions.
+MixtureStage = tuple[int, dict[str, float]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +105,9 @@ class DataConfig:
   eval_fraction: float
   packing: str
   shuffle: bool
+  tokenizer: str = "byte"
+  mixture: tuple[MixtureStage, ...] = ()
+  mixture_interpolation: str = "step"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,10 +156,13 @@ class Config:
   init: InitConfig
 
 
-def _section(cls: type, name: str, d: dict[str, Any]) -> Any:
+def _section(cls: type, name: str, d: dict[str, Any], defaults: bool = False) -> Any:
+  """cls(**d), with one-line errors for unknown keys and (unless defaults) missing ones."""
   fields = {f.name for f in dataclasses.fields(cls)}
+  required = {f.name for f in dataclasses.fields(cls)
+              if not defaults or f.default is dataclasses.MISSING}
   unknown = sorted(set(d) - fields)
-  missing = sorted(fields - set(d))
+  missing = sorted(required - set(d))
   if unknown:
     raise ConfigError(f"{name}.{unknown[0]}: unknown key; valid keys are {', '.join(sorted(fields))}")
   if missing:
@@ -160,8 +182,9 @@ def from_configdict(cfg: ConfigDict) -> Config:
   for sname, s in (data.get("sources") or {}).items():
     if not isinstance(s, dict):
       raise ConfigError(f"data.sources.{sname}: must be a ConfigDict(path=..., weight=...)")
-    sources[sname] = _section(SourceConfig, f"data.sources.{sname}", s)
+    sources[sname] = _section(SourceConfig, f"data.sources.{sname}", s, defaults=True)
   data["sources"] = sources
+  data["mixture"] = _mixture(data.get("mixture") or ())
   c = Config(
       run=_section(RunConfig, "run", d.get("run", {})),
       model=_section(ModelConfig, "model", d.get("model", {})),
@@ -173,6 +196,20 @@ def from_configdict(cfg: ConfigDict) -> Config:
   )
   validate(c)
   return c
+
+
+def _mixture(raw: Any) -> tuple[MixtureStage, ...]:
+  """((step, {name: weight}), ...) from what a config may hold (tuples, lists, ConfigDicts)."""
+  stages = []
+  for i, stage in enumerate(raw):
+    if not (isinstance(stage, (tuple, list)) and len(stage) == 2):
+      raise ConfigError(f"data.mixture[{i}]: each stage is (start_step, {{source: weight}})")
+    step, weights = stage
+    weights = weights.to_dict() if hasattr(weights, "to_dict") else weights
+    if not isinstance(weights, dict) or not isinstance(step, int):
+      raise ConfigError(f"data.mixture[{i}]: each stage is (start_step, {{source: weight}})")
+    stages.append((int(step), {str(k): float(v) for k, v in weights.items()}))
+  return tuple(stages)
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -224,9 +261,14 @@ def validate(c: Config) -> None:
   for name, s in dt.sources.items():
     _check(s.weight >= 0 and math.isfinite(s.weight),
            f"data.sources.{name}.weight={s.weight}: must be a finite number >= 0")
-  if dt.sources:
+    _choice(f"data.sources.{name}.format", s.format, FORMATS)
+    _choice(f"data.sources.{name}.kind", s.kind, KINDS)
+    _choice(f"data.sources.{name}.dtype", s.dtype, ("uint16", "uint32", "int32"))
+  if dt.sources and not dt.mixture:
     _check(sum(s.weight for s in dt.sources.values()) > 0,
            "data.sources: all weights are 0; give at least one source a positive weight")
+  _choice("data.mixture_interpolation", dt.mixture_interpolation, INTERPOLATIONS)
+  _validate_mixture(dt)
 
   _check(o.lr >= 0, f"optim.lr={o.lr}: must be >= 0")
   _check(0 <= o.end_lr <= o.lr or o.schedule == "constant",
@@ -256,6 +298,25 @@ def validate(c: Config) -> None:
   _check(t.eval_every_steps >= 0, f"train.eval_every_steps={t.eval_every_steps}: must be >= 0")
 
   _choice("init.load", c.init.load, LOADS)
+
+
+def _validate_mixture(dt: DataConfig) -> None:
+  """Stages start at step 0, increase, name known sources, and have non-negative weights."""
+  if not dt.mixture:
+    return
+  known = set(dt.sources) | (set(DEMO_SOURCES) if dt.demo else set())
+  _check(dt.mixture[0][0] == 0, f"data.mixture: the first stage starts at step "
+         f"{dt.mixture[0][0]}; the schedule must cover step 0")
+  for i, (step, weights) in enumerate(dt.mixture):
+    if i:
+      _check(step > dt.mixture[i - 1][0], f"data.mixture[{i}]: start step {step} is not after "
+             f"the previous stage's {dt.mixture[i - 1][0]}; list stages in increasing order")
+    for name, w in weights.items():
+      _check(name in known, f"data.mixture[{i}] names unknown source {name!r}; "
+             f"known: {', '.join(sorted(known))}")
+      _check(w >= 0 and math.isfinite(w),
+             f"data.mixture[{i}][{name!r}]={w}: weights must be finite and >= 0")
+    _check(sum(weights.values()) > 0, f"data.mixture[{i}]: all weights are 0")
 
 
 def to_json_dict(c: Config) -> dict[str, Any]:

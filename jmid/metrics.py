@@ -95,7 +95,8 @@ class MetricsWriter:
       parts.append(f"{r['tokens_per_sec'] / 1e3:,.1f}k tok/s")
     if r.get("mfu") is not None:
       parts.append(f"mfu {100 * r['mfu']:.1f}%")
-    parts += [f"{k} {v:.4f}" for k, v in r.items() if k.startswith("eval/")]
+    parts += [f"{k} {v:.4f}" for k, v in r.items()  # bits per byte: metrics.jsonl only
+              if k.startswith("eval/") and not k.endswith("/bpb")]
     parts.append(f"ETA {_fmt_time(eta_seconds)}")
     return " | ".join(parts)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -28,7 +29,6 @@ from jmid import model as model_lib
 from jmid import optim, sharding, steps
 from jmid.config import ConfigError, UserError
 from jmid.data import pipeline
-from jmid.data.tokenfile import TokenFile
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (Python).")
 
@@ -105,32 +105,52 @@ def check_runtime(c: config_lib.Config, mesh: jax.sharding.Mesh) -> None:
                       f"{jax.process_count()} processes")
 
 
-def check_vocab(paths: dict[str, str], vocab_size: int) -> None:
-  """Token files written for a larger vocabulary than the model's would index past the table."""
-  for name, path in paths.items():
-    file_vocab = TokenFile(path).meta["vocab_size"]
-    if file_vocab > vocab_size:
-      raise ConfigError(f"data.sources.{name}: {path} was tokenized with a vocabulary of "
-                        f"{file_vocab} but model.vocab_size={vocab_size}; raise "
-                        "model.vocab_size or re-tokenize the data")
-
-
 def to_global(batch: dict[str, np.ndarray], batch_sh: jax.sharding.Sharding) -> dict:
   """This process's rows -> global arrays sharded over (data, fsdp)."""
   return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in batch.items()}
 
 
-def evaluate(eval_step: Any, params: dict, eval_sets: dict[str, list[dict]]) -> dict[str, float]:
-  """Mean loss per target token for each source and over all sources."""
-  out, total_ce, total_n = {}, 0.0, 0.0
-  for source, batches in eval_sets.items():
-    sums = [eval_step(params, b) for b in batches]
-    ce = float(sum(s["ce_sum"] for s in sums))
-    n = float(sum(s["count"] for s in sums))
-    out[f"eval/{source}/loss"] = ce / max(n, 1.0)
-    total_ce, total_n = total_ce + ce, total_n + n
-  out["eval/loss"] = total_ce / max(total_n, 1.0)
-  return out
+class Evaluator:
+  """Mean loss per target token and bits per byte, per source and over all sources."""
+
+  def __init__(self, eval_step: Any, eval_sets: dict[str, list[dict]],
+               bytes_per_token: dict[str, float]) -> None:
+    self.eval_step, self.eval_sets, self.bytes_per_token = eval_step, eval_sets, bytes_per_token
+
+  def __call__(self, params: dict) -> dict[str, float]:
+    out, total_ce, total_n = {}, 0.0, 0.0
+    for source, batches in self.eval_sets.items():
+      if not batches:
+        continue
+      sums = [self.eval_step(params, b) for b in batches]
+      ce = float(sum(s["ce_sum"] for s in sums))
+      n = float(sum(s["count"] for s in sums))
+      loss = ce / max(n, 1.0)
+      out[f"eval/{source}/loss"] = loss
+      out[f"eval/{source}/bpb"] = loss / math.log(2) / self.bytes_per_token[source]
+      total_ce, total_n = total_ce + ce, total_n + n
+    out["eval/loss"] = total_ce / max(total_n, 1.0)
+    return out
+
+
+class MixCounter:
+  """Realised token share of each source over a log interval (padding not counted)."""
+
+  def __init__(self, names: list[str]) -> None:
+    self.names, self.counts = names, np.zeros(len(names))
+
+  def add(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Counts the batch's rows and returns it without `source` (which stays on the host)."""
+    batch = dict(batch)
+    tokens = (batch["segment_ids"] != 0).sum(axis=1)
+    self.counts += np.bincount(batch.pop("source"), weights=tokens, minlength=len(self.names))
+    return batch
+
+  def shares(self) -> dict[str, float]:
+    total = max(self.counts.sum(), 1.0)
+    out = {f"mix/{n}": float(c / total) for n, c in zip(self.names, self.counts)}
+    self.counts[:] = 0
+    return out
 
 
 def train(cfg_dict: ConfigDict, stop_after: int | None = None) -> dict[str, Any]:
@@ -143,8 +163,8 @@ def train(cfg_dict: ConfigDict, stop_after: int | None = None) -> dict[str, Any]
   mesh = sharding.make_mesh(c.mesh)
   check_runtime(c, mesh)
   main_process = jax.process_index() == 0
-  paths = pipeline.resolve_sources(c.data)
-  check_vocab(paths, c.model.vocab_size)
+  srcs = pipeline.open_sources(c.data)
+  pipeline.check_vocab(srcs, c.model.vocab_size)
   os.makedirs(c.run.workdir, exist_ok=True)
   if main_process:
     with open(os.path.join(c.run.workdir, "config.json"), "w") as f:
@@ -153,7 +173,7 @@ def train(cfg_dict: ConfigDict, stop_after: int | None = None) -> dict[str, Any]
   su = setup(c, mesh)
   local_batch = c.train.global_batch // jax.process_count()
   shard = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-  data_iter = pipeline.train_iterator(c.data, paths, batch_size=local_batch,
+  data_iter = pipeline.train_iterator(c.data, srcs, batch_size=local_batch,
                                       seed=c.run.seed, **shard)
   manager = ckpt_lib.make_manager(c.run.workdir, c.train.keep_checkpoints)
   with jax.set_mesh(mesh):
@@ -174,12 +194,13 @@ def train(cfg_dict: ConfigDict, stop_after: int | None = None) -> dict[str, Any]
             f"{jax.device_count()} {jax.devices()[0].platform} devices | {how}", flush=True)
     eval_sets = {name: [to_global(b, su.batch_sh) for b in batches]
                  for name, batches in pipeline.eval_batches(
-                     c.data, paths, batch_size=local_batch, n_batches=c.train.eval_batches,
+                     c.data, srcs, batch_size=local_batch, n_batches=c.train.eval_batches,
                      seed=c.run.seed, **shard).items()}
-    baseline = pipeline.unigram_loss(paths, c.data.eval_fraction, c.run.seed,
-                                     c.model.vocab_size)
-    last = _loop(c, su, manager, state, data_iter, eval_sets, start, baseline, main_process,
-                 stop_after)
+    evaluator = Evaluator(su.eval_step, eval_sets, pipeline.bytes_per_token(c.data, srcs,
+                                                                            c.run.seed))
+    baseline = pipeline.unigram_loss(c.data, srcs, c.run.seed, c.model.vocab_size)
+    last = _loop(c, su, manager, state, data_iter, evaluator, srcs.names, start, baseline,
+                 main_process, stop_after)
   if main_process and "eval/loss" in last:
     print(f"jmid: done at step {last['step']}: eval loss {last['eval/loss']:.4f} "
           f"(unigram baseline {baseline:.4f}) | workdir {c.run.workdir}", flush=True)
@@ -187,8 +208,8 @@ def train(cfg_dict: ConfigDict, stop_after: int | None = None) -> dict[str, Any]
 
 
 def _loop(c: config_lib.Config, su: Setup, manager: Any, state: dict, data_iter: Any,
-          eval_sets: dict, start: int, baseline: float, main_process: bool,
-          stop_after: int | None) -> dict[str, Any]:
+          evaluator: Evaluator, names: list[str], start: int, baseline: float,
+          main_process: bool, stop_after: int | None) -> dict[str, Any]:
   """The training loop; only log steps synchronise with the device."""
   writer = metrics_lib.MetricsWriter(c.run.workdir, c.train.steps, start, main_process)
   stop = _StopRequest()
@@ -197,6 +218,7 @@ def _loop(c: config_lib.Config, su: Setup, manager: Any, state: dict, data_iter:
   flops = metrics_lib.flops_per_token(c.model, c.data.seq_len)
   peak = metrics_lib.peak_flops(jax.devices()[0])
   watch, since_log, last = metrics_lib.Stopwatch(), 0, {"step": start}
+  mix = MixCounter(names)
 
   def meta(step: int) -> dict[str, Any]:
     return {"step": step, "tokens": step * tokens_per_step, "lr": float(su.lr_fn(step)),
@@ -206,7 +228,7 @@ def _loop(c: config_lib.Config, su: Setup, manager: Any, state: dict, data_iter:
   end = c.train.steps if stop_after is None else min(c.train.steps, start + stop_after)
   try:
     while step < end and not stop.requested:
-      state, m = su.train_step(state, to_global(next(data_iter), su.batch_sh))
+      state, m = su.train_step(state, to_global(mix.add(next(data_iter)), su.batch_sh))
       step += 1
       since_log += 1
       if step == start + 1:  # the first step carries compilation: keep it out of tok/s
@@ -220,10 +242,11 @@ def _loop(c: config_lib.Config, su: Setup, manager: Any, state: dict, data_iter:
         dt = watch.elapsed()
         tps = since_log * tokens_per_step / dt if since_log else None
         record.update(tokens=step * tokens_per_step, tokens_per_sec=tps,
-                      mfu=tps * flops / (peak * jax.device_count()) if peak and tps else None)
+                      mfu=tps * flops / (peak * jax.device_count()) if peak and tps else None,
+                      **mix.shares())
         if eval_now:
           t0 = time.perf_counter()
-          record.update(evaluate(su.eval_step, state["params"], eval_sets))
+          record.update(evaluator(state["params"]))
           record["eval/unigram_baseline"] = baseline
           watch.paused += time.perf_counter() - t0
         eta = (c.train.steps - step) * dt / since_log if since_log else float("nan")

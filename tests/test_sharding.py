@@ -1,9 +1,7 @@
 """Meshes: same loss on any factorisation, shardings follow the rules, FSDP really shards."""
 
-import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P

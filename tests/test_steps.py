@@ -1,6 +1,5 @@
 """The train step learns, and gradient accumulation equals one big batch."""
 
-import dataclasses
 
 import jax
 import numpy as np

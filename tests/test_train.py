@@ -47,6 +47,13 @@ def test_run_leaves_config_metrics_tensorboard_checkpoints(tmp_path, cache_dir):
     assert key in records[-1]
   assert records[-1]["tokens"] == 6 * 8 * 16
   assert "eval/loss" in records[3] and "eval/code/loss" in records[3]
+  # realised token shares of the log interval; the demo's default mixture leaves chat at 0
+  shares = {k: v for k, v in records[-1].items() if k.startswith("mix/")}
+  assert set(shares) == {"mix/code", "mix/math", "mix/text", "mix/chat"}
+  assert sum(shares.values()) == pytest.approx(1.0) and shares["mix/chat"] == 0.0
+  # bits per byte: byte tokens, so about loss / ln 2 (EOS tokens carry no bytes)
+  bpb, loss = records[3]["eval/chat/bpb"], records[3]["eval/chat/loss"]
+  assert loss / np.log(2) < bpb < 1.3 * loss / np.log(2)
   assert glob.glob(str(w / "tensorboard" / "events.out.tfevents.*"))
   steps = sorted(int(os.path.basename(p)) for p in glob.glob(str(w / "checkpoints" / "*"))
                  if os.path.basename(p).isdigit())

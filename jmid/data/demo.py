@@ -1,8 +1,9 @@
-"""The built-in demo corpus: three real-looking sources from what every Python install has.
+"""The built-in demo corpus: four real-looking sources from what every Python install has.
 
 "code" is standard-library source files, "text" is English prose (docstrings of the other
 stdlib files and the pydoc topic pages, read with `ast`, nothing is imported), "math" is
-seeded arithmetic word problems with worked answers. No download; the same Python version
+seeded arithmetic word problems with worked answers, "chat" is seeded tutoring conversations
+(ChatML, with a loss mask that leaves system and user turns out). No download; the same Python version
 gives the same bytes. Code and text come from disjoint files, so text held out for eval never
 appears verbatim in the code a model trains on.
 """
@@ -21,11 +22,16 @@ import numpy as np
 
 from jmid.config import UserError
 from jmid.data import tokenfile
-from jmid.data.mathgen import math_documents
+from jmid.data.mathgen import chat_conversations, math_documents
+from jmid.data.chat import render_chat
 from jmid.data.tokenizer import ByteTokenizer
 
-VERSION = "demo-v1"
-SOURCES = ("code", "math", "text")
+VERSION = "demo-v2"
+SOURCES = ("code", "math", "text", "chat")
+KINDS = {"code": "text", "math": "text", "text": "text", "chat": "chat"}
+# Weights when a config names no demo source: pretraining data; chat joins in mid-training.
+DEFAULT_WEIGHTS = {"code": 1.0, "math": 1.0, "text": 1.0, "chat": 0.0}
+CHAT_BYTES = 1_500_000
 CODE_BYTES = 3_500_000  # stdlib source (by a hash of the path) until this budget; rest -> text
 MATH_BYTES = 3_000_000
 MIN_DOCSTRING = 40  # characters; shorter docstrings are one-line labels, not prose
@@ -34,7 +40,7 @@ _TOPICS = os.path.join("pydoc_data", "topics.py")
 
 
 def build_demo_corpus(cache_dir: str) -> dict[str, str]:
-  """Returns {"code", "math", "text"} -> token-file dirs, building them on first use.
+  """Returns {"code", "math", "text", "chat"} -> token-file dirs, building them on first use.
 
   A file lock makes concurrent callers wait for one builder; the build itself lands by a single
   directory rename, so a killed build never leaves a corpus that looks finished.
@@ -58,6 +64,7 @@ def build_demo_corpus(cache_dir: str) -> dict[str, str]:
       tokenfile.write_token_file(os.path.join(tmp, "code"), _code_documents(code_files), vocab)
       tokenfile.write_token_file(os.path.join(tmp, "math"), _math_tokens(), vocab)
       tokenfile.write_token_file(os.path.join(tmp, "text"), _text_documents(text_files), vocab)
+      _write_chat(os.path.join(tmp, "chat"))
       try:
         os.rename(tmp, root)
       except OSError:
@@ -159,3 +166,10 @@ def _text_documents(files: list[str]) -> Iterator[np.ndarray]:
 def _math_tokens() -> Iterator[np.ndarray]:
   for text in math_documents(seed=0, n_bytes=MATH_BYTES):
     yield _with_eos(text.encode("utf-8"))
+
+
+def _write_chat(path: str) -> None:
+  """Tutoring conversations rendered with the chat template; the mask trains only the tutor."""
+  tok = ByteTokenizer()
+  rendered = (render_chat(m, tok) for m in chat_conversations(seed=1, n_bytes=CHAT_BYTES))
+  tokenfile.write_token_file(path, rendered, ByteTokenizer.vocab_size)

@@ -91,3 +91,23 @@ def math_documents(seed: int, n_bytes: int) -> Iterator[str]:
     doc = "\n".join(KINDS[int(k)](r) for k in r.integers(0, len(KINDS), size=n))
     total += len(doc)
     yield doc
+
+
+_SYSTEM = ("You are a careful math tutor. Show each step.",
+           "Answer with the worked steps and the final number.")
+
+
+def chat_conversations(seed: int, n_bytes: int) -> Iterator[list[dict[str, str]]]:
+  """Tutoring conversations of 1-3 turns (user asks, assistant works it out), some with a
+  system prompt, until about n_bytes: the demo's chat source, whose prompts get no loss."""
+  r = np.random.default_rng(seed)
+  total = 0
+  while total < n_bytes:
+    messages = [{"role": "system", "content": _SYSTEM[int(r.integers(0, len(_SYSTEM)))]}] \
+        if r.random() < 0.5 else []
+    for k in r.integers(0, len(KINDS), size=int(r.integers(1, 4))):
+      question, answer = KINDS[int(k)](r).split("\nA: ", 1)
+      messages.append({"role": "user", "content": question.removeprefix("Q: ")})
+      messages.append({"role": "assistant", "content": answer.strip()})
+    total += sum(len(m["content"]) for m in messages)
+    yield messages

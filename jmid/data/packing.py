@@ -7,30 +7,34 @@ can later run under grain's multiprocessing prefetch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import grain
 import numpy as np
-
-from jmid.data.tokenfile import TokenFile
 
 # Bins a first-fit packer fills before it emits them: more bins, less padding, more memory.
 FIRST_FIT_BINS = 32
 
 
 class DocSubset:
-  """The documents `indices` of a token file, as a grain RandomAccessDataSource."""
+  """The documents `indices` of a source, as a grain RandomAccessDataSource.
 
-  def __init__(self, tf: TokenFile, indices: np.ndarray) -> None:
-    self.tf = tf
+  A source returns {"tokens": int32 [n], "mask": int32 [n]} per document, where mask is 1 on
+  tokens that may be trained on as targets (0 on a chat prompt).
+  """
+
+  def __init__(self, source: Any, indices: np.ndarray) -> None:
+    self.source = source
     self.indices = np.asarray(indices, dtype=np.int64)
 
   def __len__(self) -> int:
     return len(self.indices)
 
-  def __getitem__(self, i: int) -> np.ndarray:
-    return self.tf[int(self.indices[i])]
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    return self.source[int(self.indices[i])]
 
   def __repr__(self) -> str:
-    return f"DocSubset({self.tf.path!r}, n={len(self)})"
+    return f"DocSubset({self.source!r}, n={len(self)})"
 
 
 class SplitLong(grain.experimental.FlatMapTransform):
@@ -44,8 +48,10 @@ class SplitLong(grain.experimental.FlatMapTransform):
   def __init__(self, max_len: int) -> None:
     self.max_len = max_len
 
-  def flat_map(self, doc: np.ndarray) -> list[dict[str, np.ndarray]]:
-    return [{"tokens": doc[i:i + self.max_len]} for i in range(0, len(doc), self.max_len)]
+  def flat_map(self, doc: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    n = len(doc["tokens"])
+    return [{"tokens": doc["tokens"][i:i + self.max_len], "mask": doc["mask"][i:i + self.max_len]}
+            for i in range(0, n, self.max_len)]
 
 
 class Shift(grain.transforms.Map):
@@ -56,20 +62,24 @@ class Shift(grain.transforms.Map):
     seg = row["tokens_segment_ids"].astype(np.int32, copy=False)
     pos = row["tokens_positions"].astype(np.int32, copy=False)
     # A target counts only if it continues its input's document (never padding, never the
-    # first token of the next document packed behind it).
-    mask = (seg[:-1] == seg[1:]) & (seg[:-1] != 0)
-    return {"inputs": tok[:-1], "targets": tok[1:], "segment_ids": seg[:-1],
-            "positions": pos[:-1], "loss_mask": mask.astype(np.int32)}
+    # first token of the next document packed behind it) and its own mask allows it (a chat
+    # prompt's tokens are context, not targets).
+    mask = (seg[:-1] == seg[1:]) & (seg[:-1] != 0) & (row["mask"][1:] != 0)
+    out = {"inputs": tok[:-1], "targets": tok[1:], "segment_ids": seg[:-1],
+           "positions": pos[:-1], "loss_mask": mask.astype(np.int32)}
+    if "source" in row:
+      out["source"] = row["source"]
+    return out
 
 
-def packed_rows(tf: TokenFile, indices: np.ndarray, *, seq_len: int, packing: str,
+def packed_rows(source: Any, indices: np.ndarray, *, seq_len: int, packing: str,
                 shuffle_seed: int | None, repeat: bool) -> grain.IterDataset:
   """Rows of seq_len + 1 tokens with `tokens_segment_ids` (1.., 0 = pad) and `tokens_positions`.
 
   With a shuffle seed the document order is a fresh permutation every epoch: grain's
   ShuffleMapDataset seeds epoch e with seed + e, and repeat() only extends the index range.
   """
-  ds = grain.MapDataset.source(DocSubset(tf, indices))
+  ds = grain.MapDataset.source(DocSubset(source, indices))
   if shuffle_seed is not None:
     ds = ds.shuffle(seed=shuffle_seed)
   if repeat:
@@ -79,11 +89,12 @@ def packed_rows(tf: TokenFile, indices: np.ndarray, *, seq_len: int, packing: st
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0))
   row = seq_len + 1
   it = grain.experimental.FlatMapIterDataset(it, SplitLong(row))
+  lengths = {"tokens": row, "mask": row}
   if packing == "concat":
-    return grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": row})
+    return grain.experimental.ConcatThenSplitIterDataset(it, length_struct=lengths)
   if packing == "first_fit":
     return grain.experimental.FirstFitPackIterDataset(
-        it, length_struct={"tokens": row}, num_packing_bins=FIRST_FIT_BINS,
+        it, length_struct=lengths, num_packing_bins=FIRST_FIT_BINS,
         seed=shuffle_seed or 0, shuffle_bins=shuffle_seed is not None)
   raise ValueError(f"unknown packing {packing!r}")
 
@@ -91,4 +102,3 @@ def packed_rows(tf: TokenFile, indices: np.ndarray, *, seq_len: int, packing: st
 def batches(rows: grain.IterDataset, batch_size: int) -> grain.IterDataset:
   """Shifted, stacked [batch_size, seq_len] int32 batches; a partial last batch is dropped."""
   return rows.map(Shift()).batch(batch_size, drop_remainder=True)
-

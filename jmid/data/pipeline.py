@@ -1,35 +1,95 @@
-"""The data the trainer sees: a checkpointable mixed train iterator, fixed eval batches, and the
-unigram baseline a model must beat.
+"""The data the trainer sees: opened sources, a checkpointable scheduled-mixture iterator, fixed
+per-source eval batches, bytes per token (for bits-per-byte) and the unigram baseline.
 
 How the trainer uses it:
-  paths = resolve_sources(cfg.data)           # name -> token-file dir (ALL sources, weight 0 too)
-  it = train_iterator(cfg.data, paths, batch_size=per_process_batch, seed=cfg.run.seed,
-                      process_index=jax.process_index(), process_count=jax.process_count())
-  evals = eval_batches(cfg.data, paths, batch_size=..., n_batches=..., seed=cfg.run.seed)
-Mixture weights are NOT returned by resolve_sources: train_iterator reads them with
-`source_weights(cfg, paths)` (cfg.sources[name].weight; in demo mode equal weights when
-cfg.sources is empty). Weight-0 sources are left out of training but still get eval batches,
-so a run can watch a source it does not train on (e.g. forgetting).
+  srcs = open_sources(cfg.data)                   # tokenizer + every source, checked once
+  it = train_iterator(cfg.data, srcs, batch_size=per_process_batch, seed=cfg.run.seed,
+                      process_index=..., process_count=...)
+  evals = eval_batches(cfg.data, srcs, batch_size=..., n_batches=..., seed=cfg.run.seed)
 
-`seed` picks the held-out split (and the shuffle order): use the same seed for train_iterator,
-eval_batches and unigram_loss, and keep it (or `split_seed`) fixed across the stages of one
-lineage, or documents held out in one stage may be trained on in the next.
+A source held out by split (no eval_path) loses a seeded ~eval_fraction of its documents to
+eval; `seed` picks that split and the shuffle order, so keep it fixed across the stages of one
+lineage or documents held out in one stage may be trained on in the next. Sources whose weight
+is 0 all along still get eval batches, so a run can watch what it does not train on.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import math
 import zlib
 from typing import Any
 
 import grain
 import numpy as np
 
-from jmid.config import DataConfig, UserError
-from jmid.data import demo, packing
-from jmid.data.tokenfile import TokenFile
+from jmid.config import DataConfig, SourceConfig, UserError
+from jmid.data import demo, mixture, packing, sources
+from jmid.data.tokenizer import Tokenizer, load_tokenizer
 
-UNIGRAM_MAX_TOKENS = 20_000_000  # per source and side; the baseline needs no more precision
+UNIGRAM_MAX_TOKENS = 2_000_000  # per source and side; the baseline needs no more precision
+BYTES_SAMPLE_DOCS = 2_000  # held-out documents measured for bytes per token
+
+
+@dataclasses.dataclass
+class Sources:
+  """Every configured source, opened; `eval` holds explicit eval sets (eval_path) only."""
+
+  tokenizer: Tokenizer
+  specs: dict[str, SourceConfig]
+  train: dict[str, Any]
+  eval: dict[str, Any]
+
+  @property
+  def names(self) -> list[str]:
+    return list(self.specs)
+
+
+def source_specs(cfg: DataConfig) -> dict[str, SourceConfig]:
+  """The configured sources; demo mode adds the demo corpus (named demo sources set weights)."""
+  specs: dict[str, SourceConfig] = {}
+  if cfg.demo:
+    built = demo.build_demo_corpus(cfg.cache_dir)
+    named = [n for n in cfg.sources if n in built]
+    for name, path in built.items():
+      user = cfg.sources.get(name)
+      if user is not None and user.path:
+        raise UserError(f"data.sources.{name}.path={user.path!r}: in demo mode the demo corpus "
+                        f"provides {name!r}; leave the path empty or rename the source")
+      weight = user.weight if user else (0.0 if named else demo.DEFAULT_WEIGHTS[name])
+      specs[name] = SourceConfig(path=path, weight=weight, format="tokens",
+                                 kind=demo.KINDS[name])
+  for name, spec in cfg.sources.items():
+    if name in specs:
+      continue
+    if not spec.path:
+      raise UserError(f"data.sources.{name}.path is empty: set it to a file, directory or glob")
+    specs[name] = spec
+  return specs
+
+
+def open_sources(cfg: DataConfig) -> Sources:
+  tok = load_tokenizer(cfg.tokenizer)
+  specs = source_specs(cfg)
+  train = {n: sources.open_source(n, s, tok) for n, s in specs.items()}
+  evals = {n: sources.open_source(n, s, tok, eval=True) for n, s in specs.items() if s.eval_path}
+  for name, src in list(train.items()) + [(f"{n} (eval_path)", s) for n, s in evals.items()]:
+    if len(src) == 0:
+      raise UserError(f"data.sources.{name.split()[0]}: no documents; prepare it again or "
+                      "remove the source")
+  return Sources(tok, specs, train, evals)
+
+
+def check_vocab(srcs: Sources, vocab_size: int) -> None:
+  """Token ids must index the model's embedding table."""
+  if srcs.tokenizer.vocab_size > vocab_size:
+    raise UserError(f"data.tokenizer has {srcs.tokenizer.vocab_size} tokens but "
+                    f"model.vocab_size={vocab_size}; raise model.vocab_size or change tokenizer")
+  for name, src in srcs.train.items():
+    top = src.max_token_id()
+    if top >= vocab_size:
+      raise UserError(f"data.sources.{name}: holds token id {top} >= model.vocab_size="
+                      f"{vocab_size}; it was tokenized for a larger vocabulary")
 
 
 def split_indices(n_docs: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -48,49 +108,14 @@ def split_indices(n_docs: int, eval_fraction: float, seed: int) -> tuple[np.ndar
   return np.sort(order[n_eval:]), np.sort(order[:n_eval])
 
 
-def resolve_sources(cfg: DataConfig) -> dict[str, str]:
-  """Source name -> checked token-file dir (weight-0 sources included, for eval).
-
-  Demo mode builds the demo corpus on first use; then cfg.sources may name demo sources (with
-  an empty path) to set their weights, and may add sources of the user's own.
-  """
-  paths: dict[str, str] = {}
-  if cfg.demo:
-    built = demo.build_demo_corpus(cfg.cache_dir)
-    for name, src in cfg.sources.items():
-      if name in built and src.path:
-        raise UserError(f"data.sources.{name}.path={src.path!r}: in demo mode the demo corpus "
-                        f"provides {name!r}; leave the path empty or rename the source")
-    paths.update(built)
-  for name, src in cfg.sources.items():
-    if cfg.demo and name in demo.SOURCES:
-      continue
-    if not src.path:
-      raise UserError(f"data.sources.{name}.path is empty: set it to a token-file directory "
-                      "(written by jmid.data.tokenfile.write_token_file)")
-    paths[name] = os.path.abspath(os.path.expanduser(src.path))
-  for name, path in paths.items():
-    try:
-      tf = TokenFile(path)
-    except UserError as e:
-      raise UserError(f"data.sources.{name}.path: {e}") from None
-    if len(tf) == 0:
-      raise UserError(f"data.sources.{name}.path: {path} holds no documents; prepare it again "
-                      "or remove the source")
-  return paths
-
-
-def source_weights(cfg: DataConfig, names: list[str] | dict[str, str]) -> dict[str, float]:
-  """Mixture weight per source; demo sources not named in cfg.sources get 1 when it names none
-  of them (equal mixture), else 0 (the user picked a subset)."""
-  named_demo = cfg.demo and any(n in cfg.sources for n in demo.SOURCES)
-  out = {}
-  for name in names:
-    if name in cfg.sources:
-      out[name] = float(cfg.sources[name].weight)
-    else:
-      out[name] = 0.0 if named_demo else 1.0
-  return out
+def _splits(srcs: Sources, name: str, eval_fraction: float,
+            seed: int) -> tuple[np.ndarray, tuple[Any, np.ndarray]]:
+  """(train indices, (eval source, eval indices)) for one source."""
+  src = srcs.train[name]
+  if name in srcs.eval:
+    return np.arange(len(src)), (srcs.eval[name], np.arange(len(srcs.eval[name])))
+  train, held = split_indices(len(src), eval_fraction, seed)
+  return train, (src, held)
 
 
 def _source_seed(seed: int, name: str) -> int:
@@ -103,48 +128,45 @@ def _check_process(process_index: int, process_count: int) -> None:
     raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
 
 
-def train_iterator(cfg: DataConfig, paths: dict[str, str], *, batch_size: int, seed: int,
-                   process_index: int = 0, process_count: int = 1,
-                   split_seed: int | None = None) -> grain.DatasetIterator:
-  """An endless grain iterator of this process's batches (dicts of int32 [batch_size, seq_len]).
+def schedule(cfg: DataConfig, srcs: Sources) -> mixture.Schedule:
+  """data.mixture when given, else the constant source weights."""
+  stages = cfg.mixture or ((0, {n: s.weight for n, s in srcs.specs.items()}),)
+  if not any(sum(w.values()) > 0 for _, w in stages):
+    raise UserError("data.sources: every source has weight 0; give one a positive weight")
+  return mixture.Schedule(srcs.names, stages, cfg.mixture_interpolation)
 
-  Per source: train documents of this process's shard, shuffled afresh each epoch, split to
-  fit a row and packed; sources are then interleaved row by row in proportion to their weights.
-  get_state()/set_state() resume exactly; grain.checkpoint.CheckpointSave saves it in Orbax.
+
+def train_iterator(cfg: DataConfig, srcs: Sources, *, batch_size: int, seed: int,
+                   process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+  """An endless iterator of this process's batches: dicts of int32 [batch_size, seq_len] plus
+  `source` [batch_size] (which source each row came from).
+
+  Per source: train documents of this process's shard, shuffled afresh each epoch, split to fit
+  a row and packed; rows are then drawn by the mixture schedule (one step = batch_size rows).
   """
   _check_process(process_index, process_count)
-  weights = source_weights(cfg, paths)
-  names = [n for n in paths if weights[n] > 0]
-  if not names:
-    raise UserError("data.sources: every source has weight 0; give one a positive weight")
-  split_seed = seed if split_seed is None else split_seed
+  sched = schedule(cfg, srcs)
   rows = []
-  for name in names:
-    tf = TokenFile(paths[name])
-    train, _ = split_indices(len(tf), cfg.eval_fraction, split_seed)
+  for name in srcs.names:
+    train, _ = _splits(srcs, name, cfg.eval_fraction, seed)
     shard = train[process_index::process_count]
     if len(shard) == 0:
       raise UserError(f"data.sources.{name}: {len(train)} training documents cannot feed "
                       f"{process_count} processes; add documents or use fewer hosts")
     rows.append(packing.packed_rows(
-        tf, shard, seq_len=cfg.seq_len, packing=cfg.packing, repeat=True,
+        srcs.train[name], shard, seq_len=cfg.seq_len, packing=cfg.packing, repeat=True,
         shuffle_seed=_source_seed(seed, name) if cfg.shuffle else None))
-  mixed = rows[0] if len(rows) == 1 else grain.IterDataset.mix(
-      rows, [weights[n] for n in names])
+  mixed = mixture.ScheduledMixIterDataset(rows, sched, batch_size, seed)
   return JsonSafeIterator(iter(packing.batches(mixed, batch_size)))
 
 
 def _tuple_slices(state: Any) -> Any:
   if isinstance(state, dict):
-    return {k: (_tuple_slices_leaf(v) if k == "remainder_slices" else _tuple_slices(v))
-            for k, v in state.items()}
+    return {k: ({f: tuple(v) if isinstance(v, list) else v for f, v in s.items()}
+                if k == "remainder_slices" else _tuple_slices(s)) for k, s in state.items()}
   if isinstance(state, list):
     return [_tuple_slices(v) for v in state]
   return state
-
-
-def _tuple_slices_leaf(slices: dict[str, Any]) -> dict[str, Any]:
-  return {k: tuple(v) if isinstance(v, list) else v for k, v in slices.items()}
 
 
 class JsonSafeIterator(grain.DatasetIterator):
@@ -169,7 +191,7 @@ class JsonSafeIterator(grain.DatasetIterator):
     self._parent.set_state(_tuple_slices(state))
 
 
-def eval_batches(cfg: DataConfig, paths: dict[str, str], *, batch_size: int, n_batches: int,
+def eval_batches(cfg: DataConfig, srcs: Sources, *, batch_size: int, n_batches: int,
                  seed: int, process_index: int = 0, process_count: int = 1
                  ) -> dict[str, list[dict[str, np.ndarray]]]:
   """Per source, n_batches fixed batches of its held-out documents, in document order.
@@ -181,36 +203,48 @@ def eval_batches(cfg: DataConfig, paths: dict[str, str], *, batch_size: int, n_b
   """
   _check_process(process_index, process_count)
   out: dict[str, list[dict[str, np.ndarray]]] = {}
-  for name, path in paths.items():
-    tf = TokenFile(path)
-    _, held = split_indices(len(tf), cfg.eval_fraction, seed)
+  for name in srcs.names:
+    _, (src, held) = _splits(srcs, name, cfg.eval_fraction, seed)
     shard = held[process_index::process_count]
     if len(shard) == 0:
       shard = held
     if len(shard) == 0:
       out[name] = []
       continue
-    rows = packing.packed_rows(tf, shard, seq_len=cfg.seq_len, packing=cfg.packing,
+    rows = packing.packed_rows(src, shard, seq_len=cfg.seq_len, packing=cfg.packing,
                                shuffle_seed=None, repeat=True)
     it = iter(packing.batches(rows, batch_size))
     out[name] = [next(it) for _ in range(n_batches)]
   return out
 
 
-def _gather(tf: TokenFile, indices: np.ndarray, max_tokens: int) -> np.ndarray:
+def bytes_per_token(cfg: DataConfig, srcs: Sources, seed: int) -> dict[str, float]:
+  """UTF-8 bytes per token of each source's held-out documents: eval loss in nats/token
+  divided by (ln 2 * this) is bits per byte, comparable across tokenizers."""
+  out = {}
+  for name in srcs.names:
+    _, (src, held) = _splits(srcs, name, cfg.eval_fraction, seed)
+    n_bytes = n_tokens = 0
+    for i in held[:BYTES_SAMPLE_DOCS]:
+      n_bytes += src.num_bytes(int(i))
+      n_tokens += len(src[int(i)]["tokens"])
+    out[name] = n_bytes / n_tokens if n_tokens else math.nan
+  return out
+
+
+def _gather(src: Any, indices: np.ndarray, max_tokens: int) -> np.ndarray:
   """The tokens of `indices` in order, stopping after the document that passes max_tokens."""
-  offsets = np.asarray(tf.offsets)
   parts, n = [], 0
   for i in indices:
-    start, stop = int(offsets[i]), int(offsets[i + 1])
-    parts.append(tf.tokens[start:stop])
-    n += stop - start
+    tokens = src[int(i)]["tokens"]
+    parts.append(tokens)
+    n += len(tokens)
     if n >= max_tokens:
       break
-  return np.concatenate(parts) if parts else np.zeros(0, tf.dtype)
+  return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
 
-def unigram_loss(paths: dict[str, str], eval_fraction: float, seed: int, vocab_size: int) -> float:
+def unigram_loss(cfg: DataConfig, srcs: Sources, seed: int, vocab_size: int) -> float:
   """Cross-entropy (nats/token) of the held-out tokens under the add-one unigram of the train
   tokens, all sources pooled: the loss of a model that learned only token frequencies.
 
@@ -218,15 +252,11 @@ def unigram_loss(paths: dict[str, str], eval_fraction: float, seed: int, vocab_s
   """
   train_counts = np.zeros(vocab_size, np.int64)
   eval_counts = np.zeros(vocab_size, np.int64)
-  for name, path in paths.items():
-    tf = TokenFile(path)
-    if tf.vocab_size > vocab_size:
-      raise UserError(f"data.sources.{name}: token file vocab_size={tf.vocab_size} exceeds "
-                      f"model.vocab_size={vocab_size}; use a matching tokenizer or model")
-    train, held = split_indices(len(tf), eval_fraction, seed)
+  for name in srcs.names:
+    train, (src, held) = _splits(srcs, name, cfg.eval_fraction, seed)
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    for idx, counts in ((train, train_counts), (held, eval_counts)):
-      tokens = _gather(tf, rng.permutation(idx), UNIGRAM_MAX_TOKENS)
+    for s, idx, counts in ((srcs.train[name], train, train_counts), (src, held, eval_counts)):
+      tokens = _gather(s, rng.permutation(idx), UNIGRAM_MAX_TOKENS)
       counts += np.bincount(tokens, minlength=vocab_size)[:vocab_size]
   if eval_counts.sum() == 0:
     raise UserError("no held-out tokens: every source has a single document; add documents")

@@ -3,7 +3,12 @@
 Layout of `<dir>/`:
   tokens.bin   every document's tokens back to back (uint16 if vocab_size <= 65536, else uint32)
   offsets.npy  int64 [n_docs + 1]; document i is tokens[offsets[i]:offsets[i + 1]]
-  meta.json    {"format": "jmid-tokens-v1", "dtype", "n_docs", "n_tokens", "vocab_size"}
+  mask.bin     optional uint8 [n_tokens], 1 = the token is trained on as a target (chat data:
+               prompts are 0); present exactly when meta has "has_mask": true
+  meta.json    {"format": "jmid-tokens-v1", "dtype", "n_docs", "n_tokens", "vocab_size",
+                "has_mask", "max_token_id", ...extra keys such as "eos_id", "tokenizer"}
+
+Files written before mask.bin existed (no "has_mask", no "max_token_id") still load.
 
 meta.json is written last and the directory appears by one rename, so a directory with a
 meta.json is complete: an interrupted write leaves only a `*.tmp-*` sibling behind.
@@ -12,6 +17,7 @@ meta.json is complete: an interrupted write leaves only a `*.tmp-*` sibling behi
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import os
 import shutil
@@ -32,10 +38,18 @@ def token_dtype(vocab_size: int) -> np.dtype:
   return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
-def write_token_file(out_dir: str, docs: Iterable[np.ndarray | Sequence[int]], vocab_size: int,
-                     *, overwrite: bool = False) -> dict[str, Any]:
+Doc = np.ndarray | Sequence[int]
+
+
+def write_token_file(out_dir: str, docs: Iterable[Doc] | Iterable[tuple[Doc, Doc]],
+                     vocab_size: int, *, overwrite: bool = False,
+                     extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
   """Writes `docs` as a token file at `out_dir` and returns its meta.
 
+  A document is a 1-D sequence of ids, or a (tokens, mask) tuple (mask: 0/1 per token, 1 =
+  trained on) to write mask.bin as well: pairs rather than a second iterable, so one generator
+  streams both; either every document is a pair or none is. `extra_meta` keys (e.g. "eos_id",
+  "tokenizer") go into meta.json too.
   Everything goes into a temp directory next to `out_dir` that is renamed into place at the
   end, so a crash or an exception never leaves something that looks like a finished file.
   An existing `out_dir` is an error unless `overwrite`.
@@ -51,23 +65,37 @@ def write_token_file(out_dir: str, docs: Iterable[np.ndarray | Sequence[int]], v
   tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
   try:
     offsets = array.array("q", [0])
-    with open(os.path.join(tmp, "tokens.bin"), "wb") as f:
+    max_id = -1
+    masked: bool | None = None  # decided by the first document
+    with contextlib.ExitStack() as stack:
+      f = stack.enter_context(open(os.path.join(tmp, "tokens.bin"), "wb"))
+      fm = None
       for i, doc in enumerate(docs):
-        arr = np.asarray(doc)
-        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-          raise UserError(f"document {i}: expected a 1-D sequence of integer token ids, got "
-                          f"shape {arr.shape} dtype {arr.dtype}")
-        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
-        if lo < 0 or hi >= vocab_size:
-          raise UserError(f"document {i}: token id {lo if lo < 0 else hi} is outside "
-                          f"[0, {vocab_size}); check that the tokenizer matches vocab_size")
+        pair = _is_pair(doc)
+        if masked is None:
+          masked = pair
+          if pair:
+            fm = stack.enter_context(open(os.path.join(tmp, "mask.bin"), "wb"))
+        if pair != masked:
+          raise UserError(f"document {i}: {'a' if pair else 'no'} (tokens, mask) pair, but "
+                          f"document 0 was {'not ' if pair else ''}one; masks go with every "
+                          "document or with none")
+        tokens, mask = doc if pair else (doc, None)  # type: ignore[misc]
+        arr, hi = _check_doc(i, tokens, vocab_size)
+        if fm is not None:
+          fm.write(_check_mask(i, mask, arr.size).tobytes())
+        max_id = max(max_id, hi)
         f.write(arr.astype(dtype, copy=False).tobytes())
         offsets.append(offsets[-1] + arr.size)
-      f.flush()
-      os.fsync(f.fileno())
+      for g in (f, fm):
+        if g is not None:
+          g.flush()
+          os.fsync(g.fileno())
     np.save(os.path.join(tmp, "offsets.npy"), np.asarray(offsets, dtype=np.int64))
-    meta = {"format": FORMAT, "dtype": dtype.name, "n_docs": len(offsets) - 1,
-            "n_tokens": offsets[-1], "vocab_size": vocab_size}
+    meta = dict(extra_meta or {})
+    meta.update({"format": FORMAT, "dtype": dtype.name, "n_docs": len(offsets) - 1,
+                 "n_tokens": offsets[-1], "vocab_size": vocab_size, "has_mask": bool(masked),
+                 "max_token_id": max_id})
     with open(os.path.join(tmp, "meta.json"), "w") as f:
       json.dump(meta, f, indent=1)
       f.flush()
@@ -77,6 +105,33 @@ def write_token_file(out_dir: str, docs: Iterable[np.ndarray | Sequence[int]], v
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return meta
+
+
+def _is_pair(doc: Any) -> bool:
+  """A (tokens, mask) tuple, as opposed to a tuple of ids."""
+  return isinstance(doc, tuple) and len(doc) == 2 and not np.isscalar(doc[0])
+
+
+def _check_doc(i: int, doc: Doc, vocab_size: int) -> tuple[np.ndarray, int]:
+  """The document as an array and its largest id (-1 if empty); bad ids are a UserError."""
+  arr = np.asarray(doc)
+  if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+    raise UserError(f"document {i}: expected a 1-D sequence of integer token ids, got "
+                    f"shape {arr.shape} dtype {arr.dtype}")
+  lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, -1)
+  if lo < 0 or hi >= vocab_size:
+    raise UserError(f"document {i}: token id {lo if lo < 0 else hi} is outside "
+                    f"[0, {vocab_size}); check that the tokenizer matches vocab_size")
+  return arr, hi
+
+
+def _check_mask(i: int, mask: Doc, n: int) -> np.ndarray:
+  m = np.asarray(mask)
+  if m.shape != (n,) or (m.size and (m.dtype.kind not in "iub" or int(m.min()) < 0
+                                     or int(m.max()) > 1)):
+    raise UserError(f"document {i}: the mask must be {n} values of 0 or 1 (one per token), got "
+                    f"shape {m.shape} dtype {m.dtype}")
+  return m.astype(np.uint8)
 
 
 def _move_into_place(tmp: str, out_dir: str, overwrite: bool) -> None:
@@ -109,6 +164,7 @@ class TokenFile:
     self.dtype = np.dtype(self.meta["dtype"])
     self.n_tokens = int(self.meta["n_tokens"])
     self.vocab_size = int(self.meta["vocab_size"])
+    self.has_mask = bool(self.meta.get("has_mask", False))
     n_docs = int(self.meta["n_docs"])
     size = os.path.getsize(os.path.join(self.path, "tokens.bin"))
     if size != self.n_tokens * self.dtype.itemsize:
@@ -124,7 +180,15 @@ class TokenFile:
         or int(self.offsets[-1]) != self.n_tokens):
       raise UserError(f"{self.path}/offsets.npy does not match meta.json (n_docs={n_docs}, "
                       f"n_tokens={self.n_tokens}): the file is corrupt; {_FIX}")
+    if self.has_mask:
+      mpath = os.path.join(self.path, "mask.bin")
+      msize = os.path.getsize(mpath) if os.path.isfile(mpath) else -1
+      if msize != self.n_tokens:
+        raise UserError(f"{mpath} is {'missing' if msize < 0 else f'{msize} bytes'} but "
+                        f"meta.json promises a mask of {self.n_tokens} tokens: the file is "
+                        f"corrupt; {_FIX}")
     self._tokens: np.ndarray | None = None
+    self._mask: np.ndarray | None = None
 
   @property
   def tokens(self) -> np.ndarray:
@@ -140,15 +204,35 @@ class TokenFile:
   def __len__(self) -> int:
     return len(self.offsets) - 1
 
-  def __getitem__(self, i: int) -> np.ndarray:
+  def _span(self, i: int) -> tuple[int, int]:
     n = len(self)
     i = int(i)
     if i < 0:
       i += n
     if not 0 <= i < n:
       raise IndexError(f"document {i} out of range for {n} documents in {self.path}")
-    start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
-    return self.tokens[start:stop].astype(np.int32)
+    return int(self.offsets[i]), int(self.offsets[i + 1])
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    start, stop = self._span(i)
+    return np.array(self.tokens[start:stop], dtype=np.int32)  # a plain array, not a memmap
+
+  def mask(self, i: int) -> np.ndarray | None:
+    """Document i's loss mask (int32 0/1), or None when the file has no mask.bin."""
+    if not self.has_mask:
+      return None
+    start, stop = self._span(i)
+    if self._mask is None:
+      self._mask = (np.zeros(0, np.uint8) if self.n_tokens == 0 else
+                    np.memmap(os.path.join(self.path, "mask.bin"), dtype=np.uint8, mode="r",
+                              shape=(self.n_tokens,)))
+    return np.array(self._mask[start:stop], dtype=np.int32)
+
+  def max_token_id(self) -> int:
+    """The largest id in the file (-1 if empty): from meta.json, else one pass over tokens."""
+    if "max_token_id" not in self.meta:
+      self.meta["max_token_id"] = int(self.tokens.max()) if self.n_tokens else -1
+    return int(self.meta["max_token_id"])
 
   def doc_lengths(self) -> np.ndarray:
     """Tokens per document (int64 [n_docs])."""
@@ -157,6 +241,7 @@ class TokenFile:
   def __getstate__(self) -> dict[str, Any]:
     state = self.__dict__.copy()
     state["_tokens"] = None
+    state["_mask"] = None
     state["offsets"] = None
     return state
 

@@ -1,0 +1,30 @@
+"""Demo mid-training: continue the demo pretrain run on a mixture that shifts toward math and
+code, with chat data whose prompts get no loss, annealing the learning rate linearly to 0.
+
+python -m jmid.train --config=configs/demo/pretrain.py     # first, once
+python -m jmid.train --config=configs/demo/midtrain.py
+"""
+
+from ml_collections import ConfigDict
+
+from configs.demo import pretrain
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+  c = pretrain.get_config(arg)  # the same model: params are handed over unchanged
+  c.run.workdir = "runs/demo-midtrain"
+  c.run.name = "demo-midtrain"
+  c.init.from_path = "runs/demo-pretrain"  # its latest checkpoint, params only
+  # Token proportions, blended linearly from the first stage to the second (SmolLM3-style shift
+  # from general text toward math and code), with a steady share of chat.
+  c.data.mixture = (
+      (0, {"text": 0.40, "code": 0.25, "math": 0.20, "chat": 0.15}),
+      (90, {"text": 0.15, "code": 0.35, "math": 0.35, "chat": 0.15}),
+  )
+  c.data.mixture_interpolation = "linear"
+  c.optim.lr = 1e-3
+  c.optim.schedule = "linear"  # anneal to end_lr=0 over the run
+  c.optim.warmup_steps = 0
+  c.train.steps = 120
+  c.train.eval_every_steps = 40
+  return c
