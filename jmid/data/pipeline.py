@@ -118,6 +118,12 @@ def _splits(srcs: Sources, name: str, eval_fraction: float,
   return train, (src, held)
 
 
+def packing_for(cfg: DataConfig, spec: SourceConfig) -> str:
+  """Chat examples are packed first-fit so each stays whole in one row (when it fits);
+  text follows data.packing."""
+  return "first_fit" if spec.kind == "chat" else cfg.packing
+
+
 def _source_seed(seed: int, name: str) -> int:
   """A per-source 32-bit seed, so sources (and grain's seed + epoch) never share a permutation."""
   return int(np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(1)[0])
@@ -154,7 +160,8 @@ def train_iterator(cfg: DataConfig, srcs: Sources, *, batch_size: int, seed: int
       raise UserError(f"data.sources.{name}: {len(train)} training documents cannot feed "
                       f"{process_count} processes; add documents or use fewer hosts")
     rows.append(packing.packed_rows(
-        srcs.train[name], shard, seq_len=cfg.seq_len, packing=cfg.packing, repeat=True,
+        srcs.train[name], shard, seq_len=cfg.seq_len, packing=packing_for(cfg, srcs.specs[name]),
+        repeat=True,
         shuffle_seed=_source_seed(seed, name) if cfg.shuffle else None))
   mixed = mixture.ScheduledMixIterDataset(rows, sched, batch_size, seed)
   return JsonSafeIterator(iter(packing.batches(mixed, batch_size)))
@@ -211,8 +218,9 @@ def eval_batches(cfg: DataConfig, srcs: Sources, *, batch_size: int, n_batches: 
     if len(shard) == 0:
       out[name] = []
       continue
-    rows = packing.packed_rows(src, shard, seq_len=cfg.seq_len, packing=cfg.packing,
-                               shuffle_seed=None, repeat=True)
+    rows = packing.packed_rows(src, shard, seq_len=cfg.seq_len,
+                               packing=packing_for(cfg, srcs.specs[name]), shuffle_seed=None,
+                               repeat=True)
     it = iter(packing.batches(rows, batch_size))
     out[name] = [next(it) for _ in range(n_batches)]
   return out
