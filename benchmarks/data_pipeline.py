@@ -15,10 +15,7 @@ and the ratio pipeline / raw. Target: at least 1M tokens/s per process (an H100 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from jmid.config import DataConfig, SourceConfig  # noqa: E402
+from benchmarks.common import write_result  # noqa: E402
 from jmid.data import pipeline  # noqa: E402
 from jmid.data.tokenfile import TokenFile, write_token_file  # noqa: E402
 
@@ -94,19 +92,14 @@ def main() -> None:
     paths = make_sources(tmp, args.tokens_per_source)
     raw = raw_tokens_per_sec(paths, args.seconds)
     tps, shares = pipeline_tokens_per_sec(paths, args.seq_len, args.batch, args.seconds)
-  result = {"benchmark": "data_pipeline", "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "python": platform.python_version(), "seq_len": args.seq_len, "batch": args.batch,
+  result = {"benchmark": "data_pipeline", "seq_len": args.seq_len, "batch": args.batch,
             "sources": len(NAMES), "raw_tokens_per_s": raw, "pipeline_tokens_per_s": tps,
             "pipeline_over_raw": tps / raw, "realised_shares": shares}
   print(f"raw memmap read   : {raw / 1e6:8.2f} M tokens/s")
   print(f"4-source pipeline : {tps / 1e6:8.2f} M tokens/s  ({tps / raw:.2f} x raw; "
         f"target >= 1.00 M)")
   print("realised shares   : " + ", ".join(f"{k} {v:.3f}" for k, v in shares.items()))
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"wrote {args.out}")
+  write_result(args.out, result)
 
 
 if __name__ == "__main__":

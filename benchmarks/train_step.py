@@ -12,10 +12,8 @@ interval, eval time excluded. Both run in this process, on this machine, one aft
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -25,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
+from benchmarks.common import write_result  # noqa: E402
 from jmid import config as config_lib  # noqa: E402
 from jmid import sharding, train  # noqa: E402
 from jmid.data import pipeline  # noqa: E402
@@ -83,22 +82,17 @@ def main() -> None:
     bare = bare_step_seconds(c, args.steps)
     loop = loop_step_seconds(cfg, tokens_per_step)
   result = {
-      "benchmark": "train_step", "date": datetime.date.today().isoformat(),
-      "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
-      "jax": jax.__version__, "python": platform.python_version(), "config": args.config,
+      "benchmark": "train_step", "config": args.config,
       "overrides": args.set, "tokens_per_step": tokens_per_step,
       "bare_step_s": bare, "loop_step_s": loop,
       "bare_tokens_per_s": tokens_per_step / bare, "loop_tokens_per_s": tokens_per_step / loop,
       "loop_over_bare": loop / bare,
   }
-  print(f"device {result['device']} x{result['n_devices']} | jax {jax.__version__}")
+  print(f"device {jax.devices()[0].device_kind} x{jax.device_count()} | jax {jax.__version__}")
   print(f"bare jitted step : {bare * 1e3:8.1f} ms  {tokens_per_step / bare:10,.0f} tok/s")
   print(f"full train loop  : {loop * 1e3:8.1f} ms  {tokens_per_step / loop:10,.0f} tok/s")
   print(f"loop / bare      : {loop / bare:8.3f}  (loop adds {100 * (loop / bare - 1):+.1f}%)")
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"wrote {args.out}")
+  write_result(args.out, result)
 
 
 if __name__ == "__main__":
