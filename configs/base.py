@@ -71,6 +71,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.optim.decay_embeddings = False  # apply weight decay to embeddings and the LM head too
   c.optim.clip_norm = 1.0  # global gradient-norm clip; 0 disables
   c.optim.z_loss = 0.0  # weight of the log(Z)^2 auxiliary loss; 0 disables
+  c.optim.lr_from_checkpoint = False  # peak lr := the lr stored in init.from_path (OLMo 2 anneal)
 
   c.train = ConfigDict()
   c.train.steps = 1000  # optimizer steps in this run
@@ -81,8 +82,11 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.train.eval_batches = 8  # batches of held-out data per eval
   c.train.checkpoint_every_steps = 200  # async Orbax save; a final save always happens
   c.train.keep_checkpoints = 3  # newest checkpoints kept
+  c.train.ema_decay = 0.0  # EMA of params kept in the state (init.load='ema' reads it); 0 = off
 
   c.init = ConfigDict()
   c.init.from_path = ""  # another run's workdir or checkpoint step folder; "" = random init
-  c.init.load = "params"  # params: its params, fresh optimizer, step 0 (a resume always wins)
+  # params: its params, fresh optimizer | params+optimizer: AdamW moments too | ema: its EMA as
+  # params. Always step 0 and fresh data; a checkpoint in this run's workdir always wins.
+  c.init.load = "params"
   return c

@@ -28,7 +28,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine", "linear", "wsd")
 DECAY_SHAPES = ("linear", "1-sqrt", "cosine")
 PACKING = ("concat", "first_fit")
-LOADS = ("params",)
+LOADS = ("params", "params+optimizer", "ema")
 FORMATS = ("tokens", "npy", "bin", "arrayrecord", "jsonl", "parquet")
 KINDS = ("text", "chat")
 INTERPOLATIONS = ("step", "linear")
@@ -125,6 +125,7 @@ class OptimConfig:
   decay_embeddings: bool
   clip_norm: float
   z_loss: float
+  lr_from_checkpoint: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +138,7 @@ class TrainConfig:
   eval_batches: int
   checkpoint_every_steps: int
   keep_checkpoints: int
+  ema_decay: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,7 +299,12 @@ def validate(c: Config) -> None:
     _check(getattr(t, key) > 0, f"train.{key}={getattr(t, key)}: must be > 0")
   _check(t.eval_every_steps >= 0, f"train.eval_every_steps={t.eval_every_steps}: must be >= 0")
 
+  _check(0 <= t.ema_decay < 1,
+         f"train.ema_decay={t.ema_decay}: must be in [0, 1) (0 = no EMA)")
   _choice("init.load", c.init.load, LOADS)
+  _check(c.init.from_path or not o.lr_from_checkpoint,
+         "optim.lr_from_checkpoint=True needs init.from_path (the checkpoint whose lr to start "
+         "from); set one, or give optim.lr explicitly")
 
 
 def _validate_mixture(dt: DataConfig) -> None:

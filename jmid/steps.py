@@ -1,6 +1,6 @@
 """Pure steps: train_step(state, batch) -> (state, metrics) and eval_step(params, batch).
 
-State is a plain dict {step, params, opt_state} so Orbax and sharding rules see ordinary
+State is a plain dict {step, params, opt_state[, ema]} so Orbax and sharding rules see ordinary
 pytrees. Losses are token SUMS until the very end, so gradient accumulation over microbatches
 gives exactly the gradient of the per-token mean over the whole global batch.
 """
@@ -22,8 +22,12 @@ State = dict[str, Any]
 Batch = dict[str, jax.Array]
 
 
-def init_state(params: dict, tx: optax.GradientTransformation) -> State:
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+def init_state(params: dict, tx: optax.GradientTransformation, ema: bool = False) -> State:
+  """Step 0 with a fresh optimizer; with `ema`, an EMA of the params that starts at them."""
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+  if ema:
+    state["ema"] = jax.tree.map(jnp.copy, params)
+  return state
 
 
 def loss_sums(graphdef: nnx.GraphDef, params: dict, batch: Batch,
@@ -51,8 +55,12 @@ def _microbatches(batch: Batch, n: int) -> Batch:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     lr_fn: optax.Schedule, microbatches: int = 1,
-                    z_loss: float = 0.0) -> Callable[[State, Batch], tuple[State, dict]]:
-  """Builds the pure step; train.py jits it once with explicit shardings and donation."""
+                    z_loss: float = 0.0,
+                    ema_decay: float = 0.0) -> Callable[[State, Batch], tuple[State, dict]]:
+  """Builds the pure step; train.py jits it once with explicit shardings and donation.
+
+  ema_decay > 0: state["ema"] <- decay * ema + (1 - decay) * new params, after every update.
+  """
   grad_fn = jax.grad(lambda p, b: loss_sums(graphdef, p, b, z_loss), has_aux=True)
 
   def train_step(state: State, batch: Batch) -> tuple[State, dict]:
@@ -71,8 +79,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     count = jnp.maximum(sums["count"], 1.0)
     grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, params)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                 "opt_state": opt_state}
+    new_params = optax.apply_updates(params, updates)
+    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+    if ema_decay:
+      new_state["ema"] = optax.incremental_update(new_params, state["ema"], 1.0 - ema_decay)
     metrics = {
         "loss": sums["ce_sum"] / count,
         "z_loss": sums["z_sum"] / count,

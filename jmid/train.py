@@ -26,7 +26,7 @@ from jmid import checkpoint as ckpt_lib
 from jmid import config as config_lib
 from jmid import metrics as metrics_lib
 from jmid import model as model_lib
-from jmid import optim, sharding, steps
+from jmid import handoff, optim, sharding, steps
 from jmid.config import ConfigError, UserError
 from jmid.data import pipeline
 
@@ -50,6 +50,7 @@ class Setup:
   """Everything jitted and sharded for one config on one mesh (shared by train and tests)."""
 
   graphdef: Any
+  param_names: Any  # logical axis names per param leaf
   tx: optax.GradientTransformation
   lr_fn: optax.Schedule
   param_sh: Any
@@ -68,21 +69,25 @@ def setup(c: config_lib.Config, mesh: jax.sharding.Mesh) -> Setup:
   param_sh = sharding.tree_shardings(mesh, names, abstract_params)
   tx = optim.make_optimizer(c.optim, c.train.steps)
   lr_fn = optim.schedule(c.optim, c.train.steps)
-  abstract_state = jax.eval_shape(lambda p: steps.init_state(p, tx), abstract_params)
+  ema = c.train.ema_decay > 0
+  abstract_state = jax.eval_shape(lambda p: steps.init_state(p, tx, ema), abstract_params)
   rep = sharding.replicated(mesh)
   opt_sh = optax.tree_utils.tree_map_params(tx, lambda _, s: s, abstract_state["opt_state"],
                                             param_sh, transform_non_params=lambda _: rep)
   state_sh = {"step": rep, "params": param_sh, "opt_state": opt_sh}
+  if ema:
+    state_sh["ema"] = param_sh
   batch_sh = sharding.batch_sharding(mesh)
-  create = jax.jit(lambda: steps.init_state(model_lib.init_params(c.model, c.run.seed), tx),
+  create = jax.jit(lambda: steps.init_state(model_lib.init_params(c.model, c.run.seed), tx, ema),
                    out_shardings=state_sh)
-  from_params = jax.jit(lambda p: steps.init_state(p, tx), in_shardings=(param_sh,),
+  from_params = jax.jit(lambda p: steps.init_state(p, tx, ema), in_shardings=(param_sh,),
                         out_shardings=state_sh)
   train_step = jax.jit(
-      steps.make_train_step(graphdef, tx, lr_fn, c.train.microbatches, c.optim.z_loss),
+      steps.make_train_step(graphdef, tx, lr_fn, c.train.microbatches, c.optim.z_loss,
+                            c.train.ema_decay),
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep), donate_argnums=0)
   eval_step = jax.jit(steps.make_eval_step(graphdef), in_shardings=(param_sh, batch_sh))
-  return Setup(graphdef, tx, lr_fn, param_sh, state_sh, batch_sh,
+  return Setup(graphdef, names, tx, lr_fn, param_sh, state_sh, batch_sh,
                ckpt_lib.abstract_with_shardings(abstract_state, state_sh), create, from_params,
                train_step, eval_step)
 
@@ -165,33 +170,35 @@ def train(cfg_dict: ConfigDict, stop_after: int | None = None) -> dict[str, Any]
   main_process = jax.process_index() == 0
   srcs = pipeline.open_sources(c.data)
   pipeline.check_vocab(srcs, c.model.vocab_size)
-  os.makedirs(c.run.workdir, exist_ok=True)
-  if main_process:
-    with open(os.path.join(c.run.workdir, "config.json"), "w") as f:
-      json.dump(config_lib.to_json_dict(c), f, indent=2)
+  manager = ckpt_lib.make_manager(c.run.workdir, c.train.keep_checkpoints)
+  latest = manager.latest_step()
+  c, origin = _origin(c, manager, latest)
 
   su = setup(c, mesh)
   local_batch = c.train.global_batch // jax.process_count()
   shard = {"process_index": jax.process_index(), "process_count": jax.process_count()}
   data_iter = pipeline.train_iterator(c.data, srcs, batch_size=local_batch,
                                       seed=c.run.seed, **shard)
-  manager = ckpt_lib.make_manager(c.run.workdir, c.train.keep_checkpoints)
   with jax.set_mesh(mesh):
-    latest = manager.latest_step()
     if latest is not None:
       state, _ = ckpt_lib.restore(manager, latest, su.abstract_state, data_iter)
       start, how = latest, f"resumed from {manager.directory}/{latest}"
-    elif c.init.from_path:
+    elif isinstance(origin, handoff.Source):
       start = 0
-      state = su.state_from_params(
-          ckpt_lib.load_params(c.init.from_path, su.abstract_state["params"]))
-      how = f"params from {ckpt_lib.resolve_step_dir(c.init.from_path)}, fresh optimizer"
+      state = handoff.load_state(origin, c.init.load, mesh, su.abstract_state, su.param_names,
+                                 su.tx, su.state_from_params)
+      how = f"{c.init.load} from {origin.step_dir}" + (
+          ", fresh optimizer" if c.init.load != "params+optimizer" else "")
     else:
       state, start, how = su.create_state(), 0, "random init"
+    start_lr = float(su.lr_fn(start))
     if main_process:
+      with open(os.path.join(c.run.workdir, "config.json"), "w") as f:
+        json.dump(config_lib.to_json_dict(c), f, indent=2)
       n_params = model_lib.count_params(state["params"])
       print(f"jmid: {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} | "
-            f"{jax.device_count()} {jax.devices()[0].platform} devices | {how}", flush=True)
+            f"{jax.device_count()} {jax.devices()[0].platform} devices | {how} | "
+            f"lr at step {start} {start_lr:.3e}", flush=True)
     eval_sets = {name: [to_global(b, su.batch_sh) for b in batches]
                  for name, batches in pipeline.eval_batches(
                      c.data, srcs, batch_size=local_batch, n_batches=c.train.eval_batches,
@@ -199,18 +206,53 @@ def train(cfg_dict: ConfigDict, stop_after: int | None = None) -> dict[str, Any]
     evaluator = Evaluator(su.eval_step, eval_sets, pipeline.bytes_per_token(c.data, srcs,
                                                                             c.run.seed))
     baseline = pipeline.unigram_loss(c.data, srcs, c.run.seed, c.model.vocab_size)
+    lineage = origin if isinstance(origin, list) else (
+        handoff.lineage(origin, c.init.load) if origin else [])
+    first = {"init": how, "init/lr": start_lr}
     last = _loop(c, su, manager, state, data_iter, evaluator, srcs.names, start, baseline,
-                 main_process, stop_after)
+                 main_process, stop_after, lineage, first)
   if main_process and "eval/loss" in last:
     print(f"jmid: done at step {last['step']}: eval loss {last['eval/loss']:.4f} "
           f"(unigram baseline {baseline:.4f}) | workdir {c.run.workdir}", flush=True)
   return last
 
 
+def _origin(c: config_lib.Config, manager: Any, latest: int | None
+            ) -> tuple[config_lib.Config, handoff.Source | list | None]:
+  """Where this run starts, and the config with the lr it resolves to.
+
+  On resume: this run's lineage from its own checkpoint, and (with optim.lr_from_checkpoint)
+  the lr the first start resolved, so a restart never changes the schedule. On a first start
+  from init.from_path: the source checkpoint. Otherwise None.
+  """
+  if latest is not None:
+    meta = ckpt_lib.read_meta(os.path.join(str(manager.directory), str(latest)))
+    if c.optim.lr_from_checkpoint:
+      c = _with_lr(c, meta.get("config", {}).get("optim", {}).get("lr"), manager.directory)
+    return c, list(meta.get("lineage", []))
+  if not c.init.from_path:
+    return c, None
+  source = handoff.find(c.init.from_path)
+  if c.optim.lr_from_checkpoint:
+    c = _with_lr(c, source.lr, source.step_dir)
+  return c, source
+
+
+def _with_lr(c: config_lib.Config, lr: float | None, where: Any) -> config_lib.Config:
+  if lr is None:
+    raise UserError(f"optim.lr_from_checkpoint: {where} has no stored lr; set optim.lr and "
+                    "optim.lr_from_checkpoint=False")
+  return dataclasses.replace(c, optim=dataclasses.replace(c.optim, lr=float(lr)))
+
+
 def _loop(c: config_lib.Config, su: Setup, manager: Any, state: dict, data_iter: Any,
           evaluator: Evaluator, names: list[str], start: int, baseline: float,
-          main_process: bool, stop_after: int | None) -> dict[str, Any]:
-  """The training loop; only log steps synchronise with the device."""
+          main_process: bool, stop_after: int | None, lineage: list[dict[str, Any]],
+          first: dict[str, Any]) -> dict[str, Any]:
+  """The training loop; only log steps synchronise with the device.
+
+  `first` (how the run started, the lr at its first step) goes into the first record logged.
+  """
   writer = metrics_lib.MetricsWriter(c.run.workdir, c.train.steps, start, main_process)
   stop = _StopRequest()
   old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -222,7 +264,8 @@ def _loop(c: config_lib.Config, su: Setup, manager: Any, state: dict, data_iter:
 
   def meta(step: int) -> dict[str, Any]:
     return {"step": step, "tokens": step * tokens_per_step, "lr": float(su.lr_fn(step)),
-            "model": dataclasses.asdict(c.model), "config": config_lib.to_json_dict(c)}
+            "model": dataclasses.asdict(c.model), "config": config_lib.to_json_dict(c),
+            "lineage": lineage, "ema": c.train.ema_decay > 0}
 
   step = start
   end = c.train.steps if stop_after is None else min(c.train.steps, start + stop_after)
@@ -244,6 +287,8 @@ def _loop(c: config_lib.Config, su: Setup, manager: Any, state: dict, data_iter:
         record.update(tokens=step * tokens_per_step, tokens_per_sec=tps,
                       mfu=tps * flops / (peak * jax.device_count()) if peak and tps else None,
                       **mix.shares())
+        record.update(first)
+        first = {}
         if eval_now:
           t0 = time.perf_counter()
           record.update(evaluator(state["params"]))

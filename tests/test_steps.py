@@ -37,3 +37,28 @@ def test_microbatch_accumulation_equals_full_batch():
   full = _run(1, 3, same_batch=False)
   accum = _run(4, 3, same_batch=False)
   np.testing.assert_allclose(accum, full, rtol=1e-5)
+
+
+def test_ema_follows_the_params_with_its_decay():
+  c = tiny_configdict()
+  c.mesh.fsdp = 1
+  c.optim.lr = 1e-2
+  c.train.ema_decay = 0.75
+  cfg = config_lib.from_configdict(c)
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  su = train.setup(cfg, mesh)
+  with jax.set_mesh(mesh):
+    state = su.create_state()
+    p0 = jax.tree.map(np.asarray, state["params"])
+    np.testing.assert_array_equal(jax.tree.leaves(state["ema"])[0], jax.tree.leaves(p0)[0])
+    for i in range(2):
+      state, _ = su.train_step(state, train.to_global(synthetic_batch(8, 16, 64, seed=i),
+                                                      su.batch_sh))
+      if i == 0:
+        p1 = jax.tree.map(np.asarray, state["params"])
+  p2 = jax.tree.map(np.asarray, state["params"])
+  want = jax.tree.map(lambda a, b, c: 0.75 * (0.75 * a + 0.25 * b) + 0.25 * c, p0, p1, p2)
+  for got, exp, new in zip(jax.tree.leaves(state["ema"]), jax.tree.leaves(want),
+                           jax.tree.leaves(p2)):
+    np.testing.assert_allclose(np.asarray(got), exp, rtol=1e-6, atol=1e-7)
+  assert not np.allclose(np.asarray(jax.tree.leaves(state["ema"])[-1]), jax.tree.leaves(p2)[-1])

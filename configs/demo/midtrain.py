@@ -1,8 +1,10 @@
-"""Demo mid-training: continue the demo pretrain run on a mixture that shifts toward math and
-code, with chat data whose prompts get no loss, annealing the learning rate linearly to 0.
+"""Demo mid-training: branch from the demo pretrain run's stable phase (the OLMo 2 recipe) and
+anneal from the lr it had reached, linearly to 0, on a mixture that shifts toward math and code,
+with chat data whose prompts get no loss.
 
 python -m jmid.train --config=configs/demo/pretrain.py     # first, once
 python -m jmid.train --config=configs/demo/midtrain.py
+python -m jmid.train --config=configs/demo/sft.py          # then post-training
 """
 
 from ml_collections import ConfigDict
@@ -14,7 +16,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c = pretrain.get_config(arg)  # the same model: params are handed over unchanged
   c.run.workdir = "runs/demo-midtrain"
   c.run.name = "demo-midtrain"
-  c.init.from_path = "runs/demo-pretrain"  # its latest checkpoint, params only
+  # The pretrain run's last checkpoint before its WSD decay (steps 180-240) began: still at its
+  # peak lr. Params only: fresh optimizer, step 0, fresh data.
+  c.init.from_path = "runs/demo-pretrain/checkpoints/160"
+  c.init.load = "params"
   # Token proportions, blended linearly from the first stage to the second (SmolLM3-style shift
   # from general text toward math and code), with a steady share of chat.
   c.data.mixture = (
@@ -22,7 +27,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
       (90, {"text": 0.15, "code": 0.35, "math": 0.35, "chat": 0.15}),
   )
   c.data.mixture_interpolation = "linear"
-  c.optim.lr = 1e-3
+  c.optim.lr_from_checkpoint = True  # start at the lr stored in that checkpoint (3e-3)
   c.optim.schedule = "linear"  # anneal to end_lr=0 over the run
   c.optim.warmup_steps = 0
   c.train.steps = 120

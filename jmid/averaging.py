@@ -1,0 +1,82 @@
+"""`python -m jmid.checkpoint average --out=DIR CKPT CKPT ...`: the mean of N checkpoints' params.
+
+OLMo 2 "soups" anneal runs that differ only in data order. The mean is streamed one array at a
+time (a running float32 sum on the host), so memory is about one model plus one array, never
+N models. The result is a step folder {state: {params}, meta} that init.from_path and export
+accept; its lineage lists every input.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from jmid import checkpoint as ckpt_lib
+from jmid.config import UserError
+
+
+def _read_leaf(step_dir: str, key: str, shape: tuple[int, ...]) -> np.ndarray:
+  """One array of state/ (named like 'params.blocks.wq'), restored alone onto the CPU."""
+  target: dict[str, Any] = {}
+  node = target
+  parts = key.split(".")
+  for p in parts[:-1]:
+    node = node.setdefault(p, {})
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  node[parts[-1]] = jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding)
+  out = ckpt_lib.restore_tree(step_dir, target)
+  for p in parts:
+    out = out[p]
+  return np.array(out, dtype=np.float32)  # a writable copy: it becomes the running sum
+
+
+def average(paths: list[str], out_dir: str, key: str = "params") -> dict[str, Any]:
+  """Writes the elementwise mean of `key` ('params' or 'ema') over `paths`; returns its meta."""
+  if len(paths) < 2:
+    raise UserError("average: give at least two checkpoints (run workdirs or step folders)")
+  step_dirs = [ckpt_lib.resolve_step_dir(p, "CKPT") for p in paths]
+  shapes = [{k: v for k, v in ckpt_lib.saved_shapes(d).items() if k.startswith(key + ".")}
+            for d in step_dirs]
+  if not shapes[0]:
+    raise UserError(f"average: {step_dirs[0]} holds no {key}; use --key=params")
+  for d, s in zip(step_dirs[1:], shapes[1:]):
+    if s != shapes[0]:
+      diff = sorted(k for k in set(s) | set(shapes[0]) if s.get(k) != shapes[0].get(k))
+      raise UserError(f"average: {d} has another shape than {step_dirs[0]} "
+                      f"({', '.join(diff[:3])}); average checkpoints of one model only")
+  mean: dict[str, Any] = {}
+  for name, shape in sorted(shapes[0].items()):
+    total = _read_leaf(step_dirs[0], name, shape)
+    for d in step_dirs[1:]:
+      total += _read_leaf(d, name, shape)
+    node = mean
+    parts = name.split(".")[1:]
+    for p in parts[:-1]:
+      node = node.setdefault(p, {})
+    node[parts[-1]] = total / len(step_dirs)
+  metas = [ckpt_lib.read_meta(d) for d in step_dirs]
+  meta = {k: metas[0][k] for k in ("model", "config") if k in metas[0]}
+  meta.update(step=0, tokens=0, lr=metas[0].get("lr"), averaged=step_dirs, lineage=[
+      {"from": d, "load": f"average({key})", "step": m.get("step"), "tokens": m.get("tokens"),
+       "lr": m.get("lr"), "run": m.get("config", {}).get("run", {}).get("name")}
+      for d, m in zip(step_dirs, metas)])
+  ckpt_lib.save_params(out_dir, mean, meta)
+  return meta
+
+
+def main(argv: list[str]) -> None:
+  opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+  ckpts = [a for a in argv if not a.startswith("--")]
+  unknown = set(opts) - {"out", "key"} | {a for a in argv if a.startswith("--") and "=" not in a}
+  if unknown or "out" not in opts or opts.get("key", "params") not in ("params", "ema"):
+    raise UserError("usage: python -m jmid.checkpoint average --out=DIR [--key=params|ema] "
+                    "CKPT CKPT ...")
+  if os.path.exists(opts["out"]):
+    raise UserError(f"average: --out={opts['out']} exists; give a new folder (nothing is "
+                    "overwritten)")
+  key = opts.get("key", "params")
+  average(ckpts, opts["out"], key)
+  print(f"jmid: averaged {len(ckpts)} checkpoints' {key} -> {opts['out']}")
