@@ -1,0 +1,27 @@
+"""The three demo stages chain: each validates, and each starts from a checkpoint the previous
+stage really keeps (a schedule or keep_checkpoints edit must not silently break the chain)."""
+
+import os
+
+from configs.demo import midtrain, pretrain, sft
+from jmid import config as config_lib
+from jmid import optim
+
+
+def test_each_demo_stage_validates_and_points_at_the_previous_one():
+  pre, mid, post = (config_lib.from_configdict(m.get_config()) for m in (pretrain, midtrain, sft))
+  assert pre.init.from_path == ""
+  assert os.path.dirname(os.path.dirname(mid.init.from_path)) == pre.run.workdir
+  assert post.init.from_path == mid.run.workdir
+  assert mid.model == pre.model == post.model
+
+
+def test_midtrain_branches_from_a_kept_checkpoint_at_the_peak_lr():
+  pre = config_lib.from_configdict(pretrain.get_config())
+  mid = config_lib.from_configdict(midtrain.get_config())
+  step = int(os.path.basename(mid.init.from_path))
+  every, keep = pre.train.checkpoint_every_steps, pre.train.keep_checkpoints
+  saved = list(range(every, pre.train.steps, every)) + [pre.train.steps]
+  assert step in saved[-keep:]  # still on disk when the pretrain run has finished
+  assert mid.optim.lr_from_checkpoint
+  assert float(optim.schedule(pre.optim, pre.train.steps)(step)) == pre.optim.lr  # stable phase
