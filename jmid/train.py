@@ -170,27 +170,24 @@ def train(cfg_dict: ConfigDict, stop_after: int | None = None) -> dict[str, Any]
   main_process = jax.process_index() == 0
   srcs = pipeline.open_sources(c.data)
   pipeline.check_vocab(srcs, c.model.vocab_size)
+  fresh = not os.path.exists(c.run.workdir)
   manager = ckpt_lib.make_manager(c.run.workdir, c.train.keep_checkpoints)
   latest = manager.latest_step()
-  c, origin = _origin(c, manager, latest)
-
-  su = setup(c, mesh)
-  local_batch = c.train.global_batch // jax.process_count()
-  shard = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-  data_iter = pipeline.train_iterator(c.data, srcs, batch_size=local_batch,
-                                      seed=c.run.seed, **shard)
+  try:
+    c, origin = _origin(c, manager, latest)
+    su = setup(c, mesh)
+    local_batch = c.train.global_batch // jax.process_count()
+    shard = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+    data_iter = pipeline.train_iterator(c.data, srcs, batch_size=local_batch,
+                                        seed=c.run.seed, **shard)
+    with jax.set_mesh(mesh):
+      state, start, how = _initial_state(c, su, mesh, manager, latest, origin, data_iter)
+  except UserError:
+    manager.close()
+    if fresh and main_process:  # a start that failed leaves no workdir behind
+      _remove_if_no_files(c.run.workdir)
+    raise
   with jax.set_mesh(mesh):
-    if latest is not None:
-      state, _ = ckpt_lib.restore(manager, latest, su.abstract_state, data_iter)
-      start, how = latest, f"resumed from {manager.directory}/{latest}"
-    elif isinstance(origin, handoff.Source):
-      start = 0
-      state = handoff.load_state(origin, c.init.load, mesh, su.abstract_state, su.param_names,
-                                 su.tx, su.state_from_params)
-      how = f"{c.init.load} from {origin.step_dir}" + (
-          ", fresh optimizer" if c.init.load != "params+optimizer" else "")
-    else:
-      state, start, how = su.create_state(), 0, "random init"
     start_lr = float(su.lr_fn(start))
     if main_process:
       with open(os.path.join(c.run.workdir, "config.json"), "w") as f:
@@ -236,6 +233,27 @@ def _origin(c: config_lib.Config, manager: Any, latest: int | None
   if c.optim.lr_from_checkpoint:
     c = _with_lr(c, source.lr, source.step_dir)
   return c, source
+
+
+def _initial_state(c: config_lib.Config, su: Setup, mesh: jax.sharding.Mesh, manager: Any,
+                   latest: int | None, origin: Any, data_iter: Any) -> tuple[Any, int, str]:
+  """(state, start step, how it started): resume, init.from_path, or random init."""
+  if latest is not None:
+    state, _ = ckpt_lib.restore(manager, latest, su.abstract_state, data_iter)
+    return state, latest, f"resumed from {manager.directory}/{latest}"
+  if isinstance(origin, handoff.Source):
+    state = handoff.load_state(origin, c.init.load, mesh, su.abstract_state, su.param_names,
+                               su.tx, su.state_from_params)
+    fresh_opt = ", fresh optimizer" if c.init.load != "params+optimizer" else ""
+    return state, 0, f"{c.init.load} from {origin.step_dir}{fresh_opt}"
+  return su.create_state(), 0, "random init"
+
+
+def _remove_if_no_files(path: str) -> None:
+  """Removes a folder tree made only of empty folders (what a failed first start created)."""
+  if all(not files for _, _, files in os.walk(path)):
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _with_lr(c: config_lib.Config, lr: float | None, where: Any) -> config_lib.Config:

@@ -51,3 +51,29 @@ def test_missing_config_file(tmp_path):
   proc, _ = _run([], tmp_path, config="configs/does_not_exist.py")
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("jmid: error:")
+
+
+def _assert_one_line_exit_2(proc, expected):
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("jmid: error:") and expected in last, last
+
+
+def test_init_from_a_path_that_is_not_a_checkpoint(tmp_path):
+  (tmp_path / "notes").mkdir()
+  proc, workdir = _run([f"--config.init.from_path={tmp_path / 'notes'}"], tmp_path)
+  _assert_one_line_exit_2(proc, "not a jmid workdir with checkpoints")
+  assert not workdir.exists()
+
+
+def test_init_from_a_checkpoint_of_another_architecture(tmp_path):
+  from jmid import train
+  from tests.helpers import tiny_configdict
+  c = tiny_configdict(vocab_size=384)  # d_model 32, 2 layers: not the demo's 256 x 3
+  c.run.workdir, c.data.cache_dir, c.train.steps = str(tmp_path / "src"), str(tmp_path / "cache"), 1
+  train.train(c)
+  proc, workdir = _run([f"--config.init.from_path={tmp_path / 'src'}"], tmp_path)
+  _assert_one_line_exit_2(proc, "holds another architecture (checkpoint vs model: params.")
+  assert "(2, 32, 64) vs (3, 256, 512)" in proc.stderr
+  assert not workdir.exists()
