@@ -48,6 +48,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
   """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs) in place of
   random init, sets `data_iter` to its saved position, and returns (state, meta)."""
   path = os.path.join(str(manager.directory), str(step))
+  _check_process_count(path)
   check_shapes(path, abstract_state, "", "use the model.* it was saved with (python -m "
                "jmid.checkpoint info shows them), or a fresh run.workdir")
   try:
@@ -60,6 +61,19 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
                     "or from another config: move it aside to resume from an older step, or "
                     "use a fresh run.workdir") from None
   return out["state"], dict(out["meta"])
+
+
+def _check_process_count(step_dir: str) -> None:
+  """The data iterator state is per process: an exact resume needs the same process count."""
+  data = os.path.join(step_dir, "data")
+  names = os.listdir(data) if os.path.isdir(data) else []
+  n = jax.process_count()
+  if names and f"process_{jax.process_index()}-of-{n}.json" not in names:
+    saved = sorted({name.rsplit("-of-", 1)[-1].split(".")[0] for name in names if "-of-" in name})
+    raise UserError(
+        f"checkpoint {step_dir} holds the data position of {'/'.join(saved) or '?'} processes, "
+        f"this run has {n}: resume with the same process count, or start a new run (fresh "
+        f"run.workdir) from it with init.from_path={step_dir} init.load=params+optimizer")
 
 
 def resolve_step_dir(path: str, what: str = "init.from_path") -> str:

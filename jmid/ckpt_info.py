@@ -41,10 +41,11 @@ def describe(step_dir: str) -> str:
                  f"{total:,} over all stages | lr {meta.get('lr', float('nan')):.3e} | "
                  f"run {run}")
   lines.append(_model_line(meta.get("model", {})))
-  held = ", ".join(f"{k} {n / 1e6:.2f}M values" for k, n in sorted(groups.items()))
+  order = ("params", "ema", "opt_state")
+  held = ", ".join(f"{k} {groups[k] / 1e6:.2f}M values" for k in order if k in groups)
   data = "yes" if os.path.isdir(os.path.join(step_dir, "data")) else "no"
   lines.append(f"state: {held} | data iterator: {data}")
-  lines.append("lineage: " + ("first stage (random init)" if meta and not lineage else
-                              "unknown (no meta)" if not meta else ""))
+  lines.append("lineage:" + (" first stage (random init)" if meta and not lineage else
+                             " unknown (no meta)" if not meta else ""))
   lines += [_origin_line(e) for e in lineage]
   return "\n".join(line for line in lines if line)

@@ -24,6 +24,7 @@ from ml_collections import ConfigDict, config_flags
 
 from jmid import checkpoint as ckpt_lib
 from jmid import config as config_lib
+from jmid import distributed
 from jmid import metrics as metrics_lib
 from jmid import model as model_lib
 from jmid import handoff, optim, sharding, steps
@@ -357,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     cfg = parse_config(list(sys.argv if argv is None else argv))
     logging.set_verbosity(logging.WARNING)
+    distributed.initialize()
     train(cfg)
   except UserError as e:
     print(f"jmid: error: {e}", file=sys.stderr)

@@ -1,5 +1,8 @@
-"""Fault injection: kill -9 a demo run at random moments, resume each time, compare to a run
-that was never interrupted. Outside the default suite (a few minutes):
+"""Fault injection: kill -9 a demo run at random points, resume each time, compare to a run
+that was never interrupted. Each kill waits for a random target step (sorted, so the kills
+spread over the whole run) and then a random fraction of a second more, so kills land inside
+steps, during async saves, and (when the resumed run's log already passed the target) during
+start-up and restore. Outside the default suite (a few minutes):
 
   python tests/fault_injection.py [--kills=10] [--seed=0] [--out=DIR]
 
@@ -26,7 +29,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
-STEPS = 80
+STEPS = 120
 
 
 def command(workdir: str, cache: str) -> list[str]:
@@ -60,6 +63,16 @@ def read_all(step_dir: str) -> dict:
   return state
 
 
+def logged_step(workdir: str) -> int:
+  """The last step in metrics.jsonl (0 when there is none yet)."""
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      lines = f.read().splitlines()
+    return json.loads(lines[-1])["step"] if lines else 0
+  except (OSError, ValueError, KeyError):
+    return 0
+
+
 def losses(workdir: str) -> dict[int, float]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return {r["step"]: r["loss"] for r in map(json.loads, f)}
@@ -78,14 +91,22 @@ def main() -> int:
   subprocess.run(command(straight, cache), cwd=ROOT, env=env(), check=True,
                  capture_output=True)
   run_s = time.time() - t0
-  print(f"uninterrupted run: {run_s:.0f} s; now {args.kills} kills at random moments")
+  print(f"uninterrupted run: {run_s:.0f} s; now {args.kills} kills at random moments",
+        flush=True)
   kills, checked = [], 0
+  targets = sorted(rng.sample(range(1, STEPS), args.kills))
   for i in range(args.kills):
-    delay = rng.uniform(1.0, 0.8 * run_s)
     proc = subprocess.Popen(command(killed, cache), cwd=ROOT, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(delay)
+    t0 = time.time()
+    while proc.poll() is None and logged_step(killed) < targets[i]:
+      time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 0.6))
+    delay = time.time() - t0
     finished = proc.poll() is not None
+    if finished and proc.returncode != 0:
+      print(f"the run failed on its own (exit {proc.returncode}) before kill {i + 1}")
+      return 1
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     steps = finished_steps(killed)
@@ -93,10 +114,11 @@ def main() -> int:
       read_all(os.path.join(killed, "checkpoints", str(s)))
       checked += 1
     last = max(losses(killed)) if os.path.exists(os.path.join(killed, "metrics.jsonl")) else 0
-    kills.append({"after_s": round(delay, 2), "last_logged_step": last,
+    kills.append({"target_step": targets[i], "after_s": round(delay, 2), "last_logged_step": last,
                   "checkpoints": steps, "had_finished": finished})
-    print(f"kill {i + 1:2d} after {delay:5.1f} s: logged up to step {last}, "
-          f"checkpoints {steps}")
+    print(f"kill {i + 1:2d} (target step {targets[i]:3d}) after {delay:5.1f} s: logged up to "
+          f"step {last}, checkpoints {steps}" + (" (it had already finished)" if finished else ""),
+          flush=True)
   done = subprocess.run(command(killed, cache), cwd=ROOT, env=env(), capture_output=True,
                         text=True)
   if done.returncode != 0:

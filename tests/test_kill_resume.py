@@ -81,13 +81,14 @@ def test_sigkill_then_same_command_matches_uninterrupted(tmp_path, straight):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_at_the_next_step_and_exits_0(tmp_path, straight):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_preemption_signal_saves_at_the_next_step_and_exits_0(tmp_path, straight, signum):
   cache, expected = straight
   stopped = str(tmp_path / "stopped")
   metrics = os.path.join(stopped, "metrics.jsonl")
   proc = _start_and_wait(stopped, cache, lambda: os.path.exists(metrics) and
                          len(open(metrics).readlines()) >= 7)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-2000:]
   last = max(_losses(stopped))

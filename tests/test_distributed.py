@@ -1,0 +1,100 @@
+"""Two real processes (4 CPU devices each, gloo collectives) through `python -m jmid.train`:
+exact resume with per-process data state, and a 2-process checkpoint handed to one process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cmd(workdir, cache, steps, *extra):
+  overrides = {"run.workdir": workdir, "data.cache_dir": cache, "train.steps": steps,
+               "train.log_every_steps": 1, "train.eval_every_steps": 0,
+               "train.checkpoint_every_steps": 4, "model.d_model": 64, "model.n_layers": 2,
+               "model.d_ff": 128, "data.seq_len": 64, "optim.schedule": "constant",
+               "optim.warmup_steps": 0, "mesh.fsdp": 2, "mesh.data": -1}
+  return [sys.executable, "-m", "jmid.train", "--config=configs/demo/pretrain.py",
+          *[f"--config.{k}={v}" for k, v in overrides.items()], *extra]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _run(n_proc, workdir, cache, steps, *extra):
+  """Starts n_proc processes of one job (8 devices in all); returns [(rc, stderr)]."""
+  port = _free_port()
+  procs = []
+  for i in range(n_proc):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // n_proc}")
+    if n_proc > 1:
+      env.update(JMID_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JMID_NUM_PROCESSES=str(n_proc),
+                 JMID_PROCESS_ID=str(i))
+    procs.append(subprocess.Popen(_cmd(str(workdir), str(cache), steps, *extra), cwd=ROOT,
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True))
+  return [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=600)]]
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  steps = [r["step"] for r in records]
+  assert steps == sorted(set(steps)), "a step was logged twice (only process 0 may write)"
+  return {r["step"]: r["loss"] for r in records}
+
+
+def _read(state_dir):
+  """A state saved by any device layout, read onto this process's first device."""
+  from etils import epath
+  meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                        getattr(meta, "tree", meta))
+  return ocp.PyTreeCheckpointer().restore(
+      str(state_dir), args=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+
+
+@pytest.mark.slow
+def test_two_processes_resume_exactly_and_hand_over_to_one(tmp_path):
+  cache = tmp_path / "cache"
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  runs = _run(2, straight, cache, 8)
+  assert all(rc == 0 for rc, _ in runs), runs[0][1][-2000:]
+  first = _run(2, resumed, cache, 4)
+  assert all(rc == 0 for rc, _ in first), first[0][1][-2000:]
+  data = sorted(f for f in os.listdir(resumed / "checkpoints" / "4" / "data") if "process" in f)
+  assert data == ["process_0-of-2.json", "process_1-of-2.json"]
+  again = _run(2, resumed, cache, 8)  # the same job again, longer: resumes at step 4
+  assert all(rc == 0 for rc, _ in again), again[0][1][-2000:]
+  assert _losses(resumed) == _losses(straight)  # bit for bit, data order included
+
+  # One process cannot continue the data stream of two: one clear line, nothing touched.
+  (rc, err), = _run(1, resumed, cache, 12)
+  assert rc == 2 and "Traceback" not in err
+  assert "data position of 2 processes, this run has 1" in err.strip().splitlines()[-1]
+  # ... but it can take the state over (params and AdamW moments) onto its own mesh.
+  step_dir = resumed / "checkpoints" / "8"
+  (rc, err), = _run(1, tmp_path / "single", cache, 0, f"--config.init.from_path={step_dir}",
+                    "--config.init.load=params+optimizer", "--config.mesh.fsdp=8",
+                    "--config.mesh.data=1")
+  assert rc == 0, err[-2000:]
+  saved = _read(step_dir / "state")
+  loaded = _read(tmp_path / "single" / "checkpoints" / "0" / "state")
+  for key in ("params", "opt_state"):
+    a, b = jax.tree.leaves(saved[key]), jax.tree.leaves(loaded[key])
+    assert len(a) == len(b) and len(a) > 3
+  for x, y in zip(jax.tree.leaves(saved["params"]), jax.tree.leaves(loaded["params"])):
+    np.testing.assert_array_equal(x, y)
