@@ -27,6 +27,14 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.model.head_dim = 0  # per-head width; 0 means d_model // n_heads
   c.model.d_ff = 1536  # SwiGLU hidden width
   c.model.rope_theta = 10000.0  # RoPE base (raise it to extend context)
+  c.model.rope_scaling = "none"  # none | linear | llama3 | yarn (as Hugging Face defines them)
+  c.model.rope_factor = 1.0  # context extension factor of the scaling
+  c.model.rope_original_max_len = 0  # llama3 / yarn: the context length before extension
+  c.model.rope_low_freq_factor = 1.0  # llama3: wavelengths above original/low are interpolated
+  c.model.rope_high_freq_factor = 4.0  # llama3: wavelengths below original/high are kept
+  c.model.rope_beta_fast = 32.0  # yarn: rotations above which a pair is kept (extrapolated)
+  c.model.rope_beta_slow = 1.0  # yarn: rotations below which a pair is interpolated
+  c.model.rope_attention_factor = 0.0  # yarn: cos/sin scale; 0 = 0.1 * ln(factor) + 1
   c.model.norm_eps = 1e-5  # RMSNorm epsilon
   c.model.tie_embeddings = False  # LM head reuses the token embedding
   c.model.qkv_bias = False  # bias on q/k/v projections (Qwen2)

@@ -84,8 +84,8 @@ def resolve_step_dir(path: str, what: str = "init.from_path") -> str:
   if os.path.isfile(os.path.join(path, "config.json")) and any(
       f.endswith(".safetensors") or f.endswith(".safetensors.index.json")
       for f in os.listdir(path)):
-    raise UserError(f"{what}={path} is a Hugging Face folder; jmid cannot import those yet "
-                    "(jmid.hf is a later step): point it at a jmid workdir or checkpoint")
+    raise UserError(f"{what}={path} is a Hugging Face folder, not a jmid checkpoint; "
+                    "init.from_path takes it, this command does not")
   ckpt_dir = os.path.join(path, "checkpoints")
   steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) \
       if os.path.isdir(ckpt_dir) else []

@@ -28,6 +28,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine", "linear", "wsd")
 DECAY_SHAPES = ("linear", "1-sqrt", "cosine")
 PACKING = ("concat", "first_fit")
+ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 LOADS = ("params", "params+optimizer", "ema")
 FORMATS = ("tokens", "npy", "bin", "arrayrecord", "jsonl", "parquet")
 KINDS = ("text", "chat")
@@ -63,6 +64,14 @@ class ModelConfig:
   param_dtype: str
   compute_dtype: str
   init_std: float
+  rope_scaling: str = "none"
+  rope_factor: float = 1.0
+  rope_original_max_len: int = 0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_beta_fast: float = 32.0
+  rope_beta_slow: float = 1.0
+  rope_attention_factor: float = 0.0
 
   @property
   def dh(self) -> int:
@@ -237,6 +246,17 @@ def validate(c: Config) -> None:
          "use a divisor of n_heads")
   _check(m.dh % 2 == 0, f"model.head_dim={m.dh}: RoPE needs an even head width")
   _check(m.rope_theta > 0, f"model.rope_theta={m.rope_theta}: must be > 0")
+  _choice("model.rope_scaling", m.rope_scaling, ROPE_SCALINGS)
+  if m.rope_scaling != "none":
+    _check(m.rope_factor >= 1, f"model.rope_factor={m.rope_factor}: the context extension "
+           "factor must be >= 1")
+  if m.rope_scaling in ("llama3", "yarn"):
+    _check(m.rope_original_max_len > 0, f"model.rope_scaling={m.rope_scaling!r} needs "
+           "model.rope_original_max_len (the pretraining context length), e.g. 8192")
+  if m.rope_scaling == "llama3":
+    _check(m.rope_high_freq_factor > m.rope_low_freq_factor > 0,
+           f"model.rope_high_freq_factor={m.rope_high_freq_factor} must exceed "
+           f"model.rope_low_freq_factor={m.rope_low_freq_factor} > 0 (Llama 3.1: 4 and 1)")
   _check(m.norm_eps > 0, f"model.norm_eps={m.norm_eps}: must be > 0")
   _choice("model.attention", m.attention, ATTENTION)
   _choice("model.remat", m.remat, REMAT)

@@ -11,6 +11,7 @@ no params, so they simply change. Any other shape difference is one error naming
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from jmid import checkpoint as ckpt_lib
+from jmid import hf
 from jmid import sharding
 from jmid.config import UserError
 
@@ -40,8 +42,28 @@ class Source:
 
 
 def find(path: str) -> Source:
+  """A jmid workdir or step folder, or a Hugging Face folder (meta then holds its config)."""
+  full = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(full) and hf.is_hf_folder(full):
+    config = hf.read_config(full)
+    arch = (config.get("architectures") or ["?"])[0]
+    return Source(full, {"hf_config": config, "config": {"run": {"name": f"hf:{arch}"}}})
   step_dir = ckpt_lib.resolve_step_dir(path)
   return Source(step_dir, ckpt_lib.read_meta(step_dir))
+
+
+def _load_hf(source: Source, load: str, model: Any, abstract_params: Any) -> Any:
+  """Params from a HF folder; its config.json must describe this run's model.* exactly."""
+  if load != "params":
+    raise UserError(f"init.load={load!r}: a Hugging Face folder holds params only; use "
+                    "init.load='params'")
+  want = hf.model_fields(source.meta["hf_config"])
+  diff = [f"model.{k}={getattr(model, k)!r} (config.json: {v!r})" for k, v in want.items()
+          if getattr(model, k) != v]
+  if diff:
+    raise UserError(f"init.from_path={source.step_dir}: this run's model contradicts its "
+                    f"config.json: {'; '.join(diff[:4])}; set those model.* keys")
+  return hf.load_params(source.step_dir, abstract_params)
 
 
 def lineage(source: Source, load: str) -> list[dict[str, Any]]:
@@ -107,9 +129,12 @@ def _pad(x: jax.Array, shape: tuple[int, ...], fill: str) -> jax.Array:
 
 
 def load_state(source: Source, load: str, mesh: jax.sharding.Mesh, abstract_state: Any,
-               names: Any, tx: optax.GradientTransformation, state_from_params: Any) -> Any:
+               names: Any, tx: optax.GradientTransformation, state_from_params: Any,
+               model: Any) -> Any:
   """The step-0 train state for this run, built from `source` onto this run's shardings."""
   abstract_params = abstract_state["params"]
+  if "hf_config" in source.meta:
+    return state_from_params(_load_hf(source, load, model, abstract_params))
   param_sh = jax.tree.map(lambda a: a.sharding, abstract_params)
   saved = _saved_abstract(source, STATE_KEY[load], abstract_params, names)
   saved_sh = sharding.tree_shardings(mesh, names, saved)

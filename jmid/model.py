@@ -88,9 +88,9 @@ class Block(nnx.Module):
                  v + self.bv[...].astype(cd))
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q = sharding.constrain(apply_rope(q, positions_bt, cfg.rope_theta),
+    q = sharding.constrain(apply_rope(q, positions_bt, cfg),
                            ("batch", "length", "heads", None))
-    k = sharding.constrain(apply_rope(k, positions_bt, cfg.rope_theta),
+    k = sharding.constrain(apply_rope(k, positions_bt, cfg),
                            ("batch", "length", "kv_heads", None))
     o_bthd = attention(q, k, v, segment_ids_bt, implementation=cfg.attention)
     x_bte = x_bte + jnp.einsum("bthd,hde->bte", o_bthd, self.wo[...].astype(cd))

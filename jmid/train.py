@@ -244,7 +244,7 @@ def _initial_state(c: config_lib.Config, su: Setup, mesh: jax.sharding.Mesh, man
     return state, latest, f"resumed from {manager.directory}/{latest}"
   if isinstance(origin, handoff.Source):
     state = handoff.load_state(origin, c.init.load, mesh, su.abstract_state, su.param_names,
-                               su.tx, su.state_from_params)
+                               su.tx, su.state_from_params, c.model)
     fresh_opt = ", fresh optimizer" if c.init.load != "params+optimizer" else ""
     return state, 0, f"{c.init.load} from {origin.step_dir}{fresh_opt}"
   return su.create_state(), 0, "random init"
