@@ -18,7 +18,7 @@ from jmid import checkpoint as ckpt_lib
 from jmid.config import UserError
 
 
-def _read_leaf(step_dir: str, key: str, shape: tuple[int, ...]) -> np.ndarray:
+def read_leaf(step_dir: str, key: str, shape: tuple[int, ...]) -> np.ndarray:
   """One array of state/ (named like 'params.blocks.wq'), restored alone onto the CPU."""
   target: dict[str, Any] = {}
   node = target
@@ -49,9 +49,9 @@ def average(paths: list[str], out_dir: str, key: str = "params") -> dict[str, An
                       f"({', '.join(diff[:3])}); average checkpoints of one model only")
   mean: dict[str, Any] = {}
   for name, shape in sorted(shapes[0].items()):
-    total = _read_leaf(step_dirs[0], name, shape)
+    total = read_leaf(step_dirs[0], name, shape)
     for d in step_dirs[1:]:
-      total += _read_leaf(d, name, shape)
+      total += read_leaf(d, name, shape)
     node = mean
     parts = name.split(".")[1:]
     for p in parts[:-1]:

@@ -175,7 +175,8 @@ def _section(cls: type, name: str, d: dict[str, Any], defaults: bool = False) ->
   unknown = sorted(set(d) - fields)
   missing = sorted(required - set(d))
   if unknown:
-    raise ConfigError(f"{name}.{unknown[0]}: unknown key; valid keys are {', '.join(sorted(fields))}")
+    raise ConfigError(f"{name}.{unknown[0]}: unknown key; valid keys are "
+                      f"{', '.join(sorted(fields))}")
   if missing:
     raise ConfigError(f"{name}.{missing[0]}: missing; start your config from configs/base.py")
   return cls(**d)

@@ -224,3 +224,15 @@ def load(path: str, compute_dtype: str = "float32") -> Model:
   params = load_params(path, target)
   forward = jax.jit(lambda p, t: model_lib.apply(graphdef, p, t))
   return Model(cfg, params, forward)
+
+
+def save(model_or_checkpoint: Model | str, out_dir: str, dtype: str = "float32") -> None:
+  """A HF folder from a loaded Model, or from a run's workdir / checkpoint step folder."""
+  from jmid import export
+  if isinstance(model_or_checkpoint, str):
+    export.export(model_or_checkpoint, out_dir, dtype=dtype)
+    return
+  m = model_or_checkpoint
+  flat = jax.tree_util.tree_flatten_with_path(m.params)[0]
+  leaves = ((".".join(str(getattr(k, "key", k)) for k in p), np.asarray(x)) for p, x in flat)
+  export.write_hf(out_dir, {"model": dataclasses.asdict(m.cfg)}, leaves, dtype)

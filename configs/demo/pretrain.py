@@ -1,4 +1,5 @@
-"""Demo pretraining on the built-in corpus (code, math, text): a ~2M-param model, ~5 minutes on a 2-core CPU.
+"""Demo pretraining on the built-in corpus (code, math, text): a ~2M-param model, ~5 minutes on
+a 2-core CPU.
 
 python -m jmid.train --config=configs/demo/pretrain.py
 """
