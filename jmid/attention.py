@@ -13,12 +13,16 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("xla", "cudnn")
 
 
-def segment_mask(segment_ids_bt: jax.Array, causal: bool = True) -> jax.Array:
-  """[B, 1, T, T] bool: same document and (when causal) key index <= query index."""
+def segment_mask(segment_ids_bt: jax.Array, causal: bool = True, window: int = 0) -> jax.Array:
+  """[B, 1, T, T] bool: same document, (when causal) key index <= query index, and (when
+  window > 0) fewer than `window` tokens back, as Mistral's sliding window counts them."""
   t = segment_ids_bt.shape[1]
   mask = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
   if causal:
     mask = mask & jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+  if window:
+    idx = jnp.arange(t)
+    mask = mask & ((idx[:, None] - idx[None, :]) < window)[None]
   return mask[:, None]
 
 
@@ -37,10 +41,10 @@ def _xla(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, mask_b1ts: jax
 
 def attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
               segment_ids_bt: jax.Array, *, implementation: str = "xla",
-              causal: bool = True) -> jax.Array:
+              causal: bool = True, window: int = 0) -> jax.Array:
   """Multi-head / grouped-query attention over packed rows; returns [B, T, Hq, D]."""
   scale = q_bthd.shape[-1] ** -0.5
-  mask = segment_mask(segment_ids_bt, causal)
+  mask = segment_mask(segment_ids_bt, causal, window)
   if implementation == "xla":
     return _xla(q_bthd, k_bshd, v_bshd, mask, scale)
   if implementation == "cudnn":

@@ -72,6 +72,7 @@ class ModelConfig:
   rope_beta_fast: float = 32.0
   rope_beta_slow: float = 1.0
   rope_attention_factor: float = 0.0
+  sliding_window: int = 0
 
   @property
   def dh(self) -> int:
@@ -248,6 +249,8 @@ def validate(c: Config) -> None:
   _check(m.dh % 2 == 0, f"model.head_dim={m.dh}: RoPE needs an even head width")
   _check(m.rope_theta > 0, f"model.rope_theta={m.rope_theta}: must be > 0")
   _choice("model.rope_scaling", m.rope_scaling, ROPE_SCALINGS)
+  _check(m.sliding_window >= 0, f"model.sliding_window={m.sliding_window}: must be >= 0 "
+         "(0 = full causal attention)")
   if m.rope_scaling != "none":
     _check(m.rope_factor >= 1, f"model.rope_factor={m.rope_factor}: the context extension "
            "factor must be >= 1")

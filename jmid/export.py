@@ -32,13 +32,15 @@ DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.f
 
 
 def architecture(meta: dict[str, Any]) -> str:
-  """Qwen3 for q/k norm, Qwen2 for qkv bias, else the family the lineage came from (a model
-  imported from Mistral exports as Mistral), else Llama."""
+  """Qwen3 for q/k norm, Qwen2 for qkv bias, Mistral for a sliding window, else the family the
+  lineage came from (a model imported from Mistral exports as Mistral), else Llama."""
   m = meta["model"]
   if m.get("qk_norm"):
     return "Qwen3ForCausalLM"
   if m.get("qkv_bias"):
     return "Qwen2ForCausalLM"
+  if m.get("sliding_window"):
+    return "MistralForCausalLM"
   for entry in meta.get("lineage", []):
     run = str(entry.get("run") or "")
     if run.startswith("hf:") and run[3:] in ("LlamaForCausalLM", "MistralForCausalLM"):
@@ -82,7 +84,7 @@ def hf_config(meta: dict[str, Any], dtype: str) -> dict[str, Any]:
       "attention_bias": bool(m["qkv_bias"]) if arch != "Qwen2ForCausalLM" else True,
       "attention_dropout": 0.0, "use_cache": True, "initializer_range": 0.02,
       "rope_theta": m["rope_theta"], "rope_scaling": legacy, "rope_parameters": params,
-      "sliding_window": None, "use_sliding_window": False,
+      "sliding_window": m.get("sliding_window") or None, "use_sliding_window": False,
       "torch_dtype": dtype, "dtype": dtype,
   }
 

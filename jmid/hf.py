@@ -84,11 +84,10 @@ def model_fields(hf: dict[str, Any]) -> dict[str, Any]:
   if arch in ("LlamaForCausalLM", "MistralForCausalLM") and hf.get("attention_bias"):
     raise UserError(f"config.json: {arch} with attention_bias (an o_proj bias too) is not "
                     "supported")
-  window = hf.get("sliding_window") if (arch == "MistralForCausalLM" or
-                                        hf.get("use_sliding_window")) else None
-  if window and window < hf.get("max_position_embeddings", 0):
-    raise UserError(f"config.json: sliding_window={window} attention is not supported yet; "
-                    "only full causal attention")
+  if arch == "Qwen2ForCausalLM" and hf.get("use_sliding_window"):
+    raise UserError("config.json: Qwen2 with use_sliding_window (windowed layers above "
+                    "max_window_layers only) is not supported")
+  window = hf.get("sliding_window") if arch == "MistralForCausalLM" else None
   heads = hf["num_attention_heads"]
   return {
       "vocab_size": hf["vocab_size"], "d_model": hf["hidden_size"],
@@ -98,7 +97,8 @@ def model_fields(hf: dict[str, Any]) -> dict[str, Any]:
       "d_ff": hf["intermediate_size"], "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
       "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
       "qkv_bias": arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias")),
-      "qk_norm": arch == "Qwen3ForCausalLM", **_rope_fields(hf)}
+      "qk_norm": arch == "Qwen3ForCausalLM", "sliding_window": int(window or 0),
+      **_rope_fields(hf)}
 
 
 def _layer_names(l: int) -> dict[str, str]:

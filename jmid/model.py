@@ -92,7 +92,8 @@ class Block(nnx.Module):
                            ("batch", "length", "heads", None))
     k = sharding.constrain(apply_rope(k, positions_bt, cfg),
                            ("batch", "length", "kv_heads", None))
-    o_bthd = attention(q, k, v, segment_ids_bt, implementation=cfg.attention)
+    o_bthd = attention(q, k, v, segment_ids_bt, implementation=cfg.attention,
+                       window=cfg.sliding_window)
     x_bte = x_bte + jnp.einsum("bthd,hde->bte", o_bthd, self.wo[...].astype(cd))
     x_bte = sharding.constrain(x_bte, ("batch", "length", None))
 

@@ -33,6 +33,9 @@ CASES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(
         sliding_window=None, tie_word_embeddings=False,
         rope_parameters=dict(rope_type="default", rope_theta=1000000.0))),
+    "mistral-window": ("MistralConfig", "MistralForCausalLM", dict(
+        sliding_window=8, tie_word_embeddings=False,  # much shorter than the test's 48 tokens
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
 }
 
 
@@ -128,3 +131,17 @@ def test_a_run_starts_from_a_hf_folder(tmp_path):
   with pytest.raises(UserError, match=r"contradicts its config.json: model.d_ff=128 "
                                       r"\(config.json: 96\)"):
     train.train(c)
+
+
+def test_transformers_4_rope_keys(tmp_path):
+  """config.json written the transformers 4 way (rope_theta + rope_scaling with 'type')."""
+  model = build("llama-llama3", tmp_path)
+  cfg = json.loads((tmp_path / "config.json").read_text())
+  params = cfg.pop("rope_parameters")
+  cfg["rope_theta"] = params.pop("rope_theta")
+  cfg["rope_scaling"] = {("type" if k == "rope_type" else k): v for k, v in params.items()}
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  assert hf.model_fields(cfg)["rope_scaling"] == "llama3"
+  tokens = np.arange(60).reshape(2, 30)
+  np.testing.assert_allclose(np.asarray(hf.load(str(tmp_path))(tokens)),
+                             _hf_logits(model, tokens), atol=1e-4, rtol=0)
