@@ -77,3 +77,15 @@ def test_init_from_a_checkpoint_of_another_architecture(tmp_path):
   _assert_one_line_exit_2(proc, "holds another architecture (checkpoint vs model: params.")
   assert "(2, 32, 64) vs (3, 256, 512)" in proc.stderr
   assert not workdir.exists()
+
+
+def test_init_from_a_hf_folder_of_an_unsupported_architecture(tmp_path):
+  folder = tmp_path / "gpt2"
+  folder.mkdir()
+  (folder / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+  (folder / "model.safetensors").write_bytes(b"")
+  proc, workdir = _run([f"--config.init.from_path={folder}"], tmp_path)
+  _assert_one_line_exit_2(proc, "architecture GPT2LMHeadModel is not supported; jmid reads "
+                                "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+                                "Qwen3ForCausalLM")
+  assert not workdir.exists()
