@@ -119,10 +119,8 @@ TOP = {"embed": "model.embed_tokens.weight", "final_norm.scale": "model.norm.wei
 
 def to_jmid(key: str, a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   """One HF tensor -> the jmid layout of `key` (one layer's slice for stacked weights)."""
-  if key in ("wq", "wk", "wv", "w_gate", "w_up", "w_down", "lm_head"):
-    return a.T.reshape(shape)
-  if key == "wo":  # [embed, heads*head_dim] -> [heads, head_dim, embed]
-    return a.T.reshape(shape)
+  if key in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head"):
+    return a.T.reshape(shape)  # torch Linear [out, in] -> [in, ...]; wo: [heads, hd, embed]
   return a.reshape(shape)
 
 
