@@ -81,7 +81,7 @@ def hf_config(meta: dict[str, Any], dtype: str) -> dict[str, Any]:
       "num_attention_heads": m["n_heads"], "num_key_value_heads": m["n_kv_heads"],
       "head_dim": head_dim, "hidden_act": "silu", "max_position_embeddings": max_len,
       "rms_norm_eps": m["norm_eps"], "tie_word_embeddings": m["tie_embeddings"],
-      "attention_bias": bool(m["qkv_bias"]) if arch != "Qwen2ForCausalLM" else True,
+      "attention_bias": bool(m["qkv_bias"]),
       "attention_dropout": 0.0, "use_cache": True, "initializer_range": 0.02,
       "rope_theta": m["rope_theta"], "rope_scaling": legacy, "rope_parameters": params,
       "sliding_window": m.get("sliding_window") or None, "use_sliding_window": False,

@@ -97,10 +97,10 @@ def _saved_abstract(source: Source, key: str, abstract_params: Any, names: Any) 
     return jax.ShapeDtypeStruct(shapes[name], leaf.dtype)
 
   out = jax.tree_util.tree_map_with_path(saved, abstract_params, names)
-  extra = sorted(k for k in shapes if k.startswith(key + ".")
-                 and k[len(key) + 1:] not in {ckpt_lib.path_str(p) for p, _ in
-                                              jax.tree_util.tree_flatten_with_path(out)[0]})
-  bad += [f"{k} not in this model" for k in extra]
+  ours = {f"{key}.{ckpt_lib.path_str(p)}" for p, _ in
+          jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  bad += [f"{k} not in this model" for k in sorted(shapes)
+          if k.startswith(key + ".") and k not in ours]
   if not any(k.startswith(key + ".") for k in shapes):
     hint = " (train with train.ema_decay > 0 to keep one)" if key == "ema" else ""
     raise UserError(f"init.load={key!r}: {source.step_dir} holds no {key}{hint}; "

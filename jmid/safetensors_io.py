@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import ml_dtypes
 import numpy as np
@@ -75,38 +75,40 @@ def _map_file(path: str) -> dict[str, np.ndarray]:
 def write_folder(path: str, tensors: Iterable[tuple[str, np.ndarray]],
                  shard_bytes: int) -> list[str]:
   """Writes (name, array) pairs into model.safetensors, or into numbered shards of at most
-  `shard_bytes` plus an index when they do not fit in one. Holds one shard in memory."""
-  shards: list[list[tuple[str, np.ndarray]]] = []
-  written: list[str] = []
+  `shard_bytes` plus an index when they do not fit in one. Holds one shard in memory: a written
+  shard leaves only its tensor names behind."""
+  shard_names: list[list[str]] = []  # per written shard
   current: list[tuple[str, np.ndarray]] = []
-  size = 0
+  size = total = 0
+
+  def flush() -> None:
+    _write_file(os.path.join(path, f".shard-{len(shard_names) + 1}.tmp"), current)
+    shard_names.append([name for name, _ in current])
+    current.clear()
+
   for name, array in tensors:
     if current and size + array.nbytes > shard_bytes:
-      shards.append(current)
-      written.append(_write_file(os.path.join(path, f".shard-{len(shards)}.tmp"), current))
-      current, size = [], 0
+      flush()
+      size = 0
     current.append((name, np.ascontiguousarray(array)))
     size += array.nbytes
-  if not shards:
+    total += array.nbytes
+  if not shard_names:
     _write_file(os.path.join(path, "model.safetensors"), current)
     return ["model.safetensors"]
-  shards.append(current)
-  written.append(_write_file(os.path.join(path, f".shard-{len(shards)}.tmp"), current))
-  n = len(shards)
-  weight_map, total = {}, 0
-  for i, (shard, tmp) in enumerate(zip(shards, written), start=1):
+  flush()
+  n = len(shard_names)
+  weight_map = {}
+  for i, names in enumerate(shard_names, start=1):
     final = f"model-{i:05d}-of-{n:05d}.safetensors"
-    os.replace(tmp, os.path.join(path, final))
-    for name, array in shard:
-      weight_map[name] = final
-      total += array.nbytes
-    shard.clear()
+    os.replace(os.path.join(path, f".shard-{i}.tmp"), os.path.join(path, final))
+    weight_map.update({name: final for name in names})
   with open(os.path.join(path, INDEX), "w") as f:
     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
   return sorted(set(weight_map.values()))
 
 
-def _write_file(path: str, tensors: list[tuple[str, np.ndarray]]) -> str:
+def _write_file(path: str, tensors: list[tuple[str, np.ndarray]]) -> None:
   header, offset = {}, 0
   for name, a in tensors:
     header[name] = {"dtype": NAMES[a.dtype], "shape": list(a.shape),
@@ -120,8 +122,4 @@ def _write_file(path: str, tensors: list[tuple[str, np.ndarray]]) -> str:
     f.write(raw)
     for _, a in tensors:
       f.write(a.tobytes())
-  return path
 
-
-def iter_names(folder: Folder) -> Iterator[str]:
-  return iter(folder.tensors)

@@ -1,7 +1,6 @@
 """Two real processes (4 CPU devices each, gloo collectives) through `python -m jmid.train`:
 exact resume with per-process data state, and a 2-process checkpoint handed to one process."""
 
-import json
 import os
 import socket
 import subprocess
@@ -11,6 +10,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+from tests.test_kill_resume import _losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,14 +46,6 @@ def _run(n_proc, workdir, cache, steps, *extra):
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True))
   return [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=600)]]
-
-
-def _losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f]
-  steps = [r["step"] for r in records]
-  assert steps == sorted(set(steps)), "a step was logged twice (only process 0 may write)"
-  return {r["step"]: r["loss"] for r in records}
 
 
 def _read(state_dir):

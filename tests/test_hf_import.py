@@ -76,11 +76,14 @@ def test_sharded_safetensors_import(tmp_path):
                              _hf_logits(model, tokens), atol=1e-4, rtol=0)
 
 
+def _edit_config(folder, **changes):
+  cfg = json.loads((folder / "config.json").read_text())
+  (folder / "config.json").write_text(json.dumps({**cfg, **changes}))
+
+
 def test_unsupported_architecture_is_named(tmp_path):
   build("llama-llama3", tmp_path)
-  cfg = json.loads((tmp_path / "config.json").read_text())
-  cfg["architectures"] = ["GPT2LMHeadModel"]
-  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  _edit_config(tmp_path, architectures=["GPT2LMHeadModel"])
   with pytest.raises(UserError, match="GPT2LMHeadModel is not supported; jmid reads "
                                       "LlamaForCausalLM, MistralForCausalLM"):
     hf.load(str(tmp_path))
@@ -88,9 +91,7 @@ def test_unsupported_architecture_is_named(tmp_path):
 
 def test_config_that_contradicts_the_tensors(tmp_path):
   build("mistral", tmp_path)
-  cfg = json.loads((tmp_path / "config.json").read_text())
-  cfg["intermediate_size"] = 128
-  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  _edit_config(tmp_path, intermediate_size=128)
   with pytest.raises(UserError,
                      match=r"mlp\.\w+_proj\.weight has shape .* contradicts config.json"):
     hf.load(str(tmp_path))
@@ -98,9 +99,7 @@ def test_config_that_contradicts_the_tensors(tmp_path):
 
 def test_missing_tensors_are_named(tmp_path):
   build("qwen3-qknorm-headdim", tmp_path)
-  cfg = json.loads((tmp_path / "config.json").read_text())
-  cfg["num_hidden_layers"] = 3
-  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  _edit_config(tmp_path, num_hidden_layers=3)
   with pytest.raises(UserError, match="missing tensors model.layers.2"):
     hf.load(str(tmp_path))
 
