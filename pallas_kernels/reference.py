@@ -1,0 +1,80 @@
+"""Pure-jnp attention with the exact semantics of pallas_kernels.flash_attention.
+
+It is the tests' reference and the fallback where no kernel applies. Conventions:
+- q [B, T, Hq, D]; k, v [B, S, Hkv, D]; Hq a multiple of Hkv (query head h reads kv head
+  h // (Hq // Hkv)).
+- causal with T != S aligns the ends (bottom-right, as FlashAttention and cuDNN do): query i
+  sits at key position i + S - T.
+- segment_ids: one [B, T] array (T == S) or a (q [B, T], kv [B, S]) pair; a query sees only
+  keys of its own segment.
+- window w: a query sees keys fewer than w positions back.
+- softcap c: logits -> c * tanh(logits / c) (Gemma 2), after the scale.
+- A query that sees no key returns 0 and logsumexp -inf, never NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+SegmentIds = jax.Array | tuple[jax.Array, jax.Array] | None
+
+
+def split_segments(segment_ids: SegmentIds, b: int, t: int,
+                   s: int) -> tuple[jax.Array, jax.Array]:
+  """(q segments [B, T], kv segments [B, S]) int32; all zeros when there are none."""
+  if segment_ids is None:
+    return jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
+  if isinstance(segment_ids, tuple):
+    q_seg, kv_seg = segment_ids
+  else:
+    if t != s:
+      raise ValueError(f"one segment_ids array needs T == S (got {t} and {s}); pass a "
+                       "(q_segment_ids, kv_segment_ids) pair")
+    q_seg = kv_seg = segment_ids
+  return q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+
+
+def visible(q_seg_bt: jax.Array, kv_seg_bs: jax.Array, causal: bool,
+            window: int | None) -> jax.Array:
+  """[B, T, S] bool: which keys each query may attend to."""
+  t, s = q_seg_bt.shape[1], kv_seg_bs.shape[1]
+  q_pos = jnp.arange(t)[:, None] + (s - t)
+  k_pos = jnp.arange(s)[None, :]
+  mask = q_seg_bt[:, :, None] == kv_seg_bs[:, None, :]
+  if causal:
+    mask = mask & (k_pos <= q_pos)[None]
+  if window:
+    mask = mask & (q_pos - k_pos < window)[None]
+  return mask
+
+
+def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                        segment_ids: SegmentIds = None, causal: bool = True,
+                        window: int | None = None, softcap: float | None = None,
+                        scale: float | None = None,
+                        return_lse: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """o [B, T, Hq, D] in q's dtype (and logsumexp [B, Hq, T] float32 when asked)."""
+  b, t, hq, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  if hq % hkv:
+    raise ValueError(f"{hq} query heads are not a multiple of {hkv} kv heads")
+  scale = d ** -0.5 if scale is None else scale
+  q_seg, kv_seg = split_segments(segment_ids, b, t, s)
+  g = hq // hkv
+  q5 = q.reshape(b, t, hkv, g, d).astype(jnp.float32)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q5, k.astype(jnp.float32)) * scale
+  if softcap:
+    logits = softcap * jnp.tanh(logits / softcap)
+  mask = visible(q_seg, kv_seg, causal, window)[:, None, None]
+  logits = jnp.where(mask, logits, -jnp.inf)
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(logits - m_safe)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  o = jnp.einsum("bkgts,bskd->btkgd", p / jnp.where(l > 0, l, 1.0), v.astype(jnp.float32))
+  o = o.reshape(b, t, hq, d).astype(q.dtype)
+  if not return_lse:
+    return o
+  lse = jnp.where(l > 0, jnp.log(jnp.where(l > 0, l, 1.0)) + m_safe, -jnp.inf)[..., 0]
+  return o, lse.reshape(b, hq, t)
