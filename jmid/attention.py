@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 
 
 def segment_mask(segment_ids_bt: jax.Array, causal: bool = True, window: int = 0) -> jax.Array:
@@ -50,5 +50,9 @@ def attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
   if implementation == "cudnn":
     return jax.nn.dot_product_attention(q_bthd, k_bshd, v_bshd, mask=mask, scale=scale,
                                         is_causal=causal, implementation="cudnn")
+  if implementation == "pallas":  # our kernel (interpret mode on CPU; GPU/TPU lowering pending)
+    from pallas_kernels import flash_attention
+    return flash_attention(q_bthd, k_bshd, v_bshd, segment_ids=segment_ids_bt, causal=causal,
+                           window=window or None, scale=scale)
   raise ValueError(f"unknown attention implementation {implementation!r}; "
                    f"choose one of {IMPLEMENTATIONS}")

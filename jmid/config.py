@@ -22,7 +22,7 @@ class ConfigError(UserError):
   """A config value that is unknown, out of range or inconsistent with another."""
 
 
-ATTENTION = ("xla", "cudnn")
+ATTENTION = ("xla", "cudnn", "pallas")
 REMAT = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine", "linear", "wsd")

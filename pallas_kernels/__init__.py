@@ -1,9 +1,9 @@
 """jmid's Pallas kernels, importable without jmid.
 
-flash_attention: the forward pass so far (causal, packed documents, GQA, sliding window,
-softcap), tested in interpret mode against attention_reference. The backward, the TPU tiling
-and platform dispatch are the next steps of the kernel's issue; jmid.attention does not use it
-yet.
+flash_attention: forward and backward (custom VJP, all Pallas) with causal, packed-document,
+GQA, sliding-window and softcap masking, tested in interpret mode against attention_reference;
+jmid uses it with model.attention='pallas'. The TPU tiling, the Mosaic GPU layouts and
+platform dispatch are the next steps of the kernel's issue: it runs interpreted on CPU only.
 """
 
 from pallas_kernels.flash_attention import flash_attention
