@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.model.qkv_bias = False  # bias on q/k/v projections (Qwen2)
   c.model.qk_norm = False  # per-head RMSNorm on q and k (Qwen3)
   c.model.sliding_window = 0  # attend to at most this many tokens back (Mistral); 0 = all
-  c.model.attention = "xla"  # xla | cudnn | pallas (ours; CPU interpret only, so far)
+  c.model.attention = "xla"  # xla | cudnn | pallas (ours: Triton GPU, Mosaic TPU, CPU interpret)
   c.model.remat = "none"  # none | full | dots | dots_no_batch: what the layer scan saves
   c.model.param_dtype = "float32"  # dtype params are stored (and optimized) in
   c.model.compute_dtype = "float32"  # matmul dtype; bfloat16 on accelerators

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jmid import sharding
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 
@@ -39,6 +42,29 @@ def _xla(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, mask_b1ts: jax
   return o_btkgd.reshape(b, t, hq, d)
 
 
+def _pallas(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, segment_ids_bt: jax.Array,
+            causal: bool, window: int, scale: float) -> jax.Array:
+  """Our kernel (Triton on GPU, Mosaic on TPU, interpreted on CPU), per device under a mesh.
+
+  XLA cannot partition a Pallas call (it would gather every operand to every device), so under
+  a mesh it runs in shard_map: rows split as the batch is, heads as the tensor axis splits them
+  (both or neither of q and kv heads, to keep the GQA groups whole), the sequence whole.
+  """
+  from pallas_kernels import flash_attention
+  call = lambda q, k, v, s: flash_attention(q, k, v, segment_ids=s, causal=causal,  # noqa: E731
+                                            window=window or None, scale=scale)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return call(q_bthd, k_bshd, v_bshd, segment_ids_bt)
+  sizes = dict(mesh.shape)
+  q_spec = sharding.logical_spec(("batch", None, "heads", None), q_bthd.shape, sizes)
+  kv_spec = sharding.logical_spec(("batch", None, "kv_heads", None), k_bshd.shape, sizes)
+  if q_spec[2] != kv_spec[2]:
+    q_spec, kv_spec = P(q_spec[0], None, None, None), P(kv_spec[0], None, None, None)
+  return jax.shard_map(call, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(q_spec[0], None)),
+                       out_specs=q_spec, check_vma=False)(q_bthd, k_bshd, v_bshd, segment_ids_bt)
+
+
 def attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
               segment_ids_bt: jax.Array, *, implementation: str = "xla",
               causal: bool = True, window: int = 0) -> jax.Array:
@@ -50,9 +76,7 @@ def attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
   if implementation == "cudnn":
     return jax.nn.dot_product_attention(q_bthd, k_bshd, v_bshd, mask=mask, scale=scale,
                                         is_causal=causal, implementation="cudnn")
-  if implementation == "pallas":  # our kernel (interpret mode on CPU; GPU/TPU lowering pending)
-    from pallas_kernels import flash_attention
-    return flash_attention(q_bthd, k_bshd, v_bshd, segment_ids=segment_ids_bt, causal=causal,
-                           window=window or None, scale=scale)
+  if implementation == "pallas":
+    return _pallas(q_bthd, k_bshd, v_bshd, segment_ids_bt, causal, window, scale)
   raise ValueError(f"unknown attention implementation {implementation!r}; "
                    f"choose one of {IMPLEMENTATIONS}")

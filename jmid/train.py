@@ -95,15 +95,11 @@ def setup(c: config_lib.Config, mesh: jax.sharding.Mesh) -> Setup:
 
 def check_runtime(c: config_lib.Config, mesh: jax.sharding.Mesh) -> None:
   """What depends on the devices: the batch must split over data*fsdp, microbatches and
-  processes; cuDNN attention needs an NVIDIA GPU; our Pallas kernel runs (interpreted) on CPU
-  only so far."""
+  processes; cuDNN attention needs an NVIDIA GPU."""
   platform = mesh.devices.flat[0].platform
   if c.model.attention == "cudnn" and platform != "gpu":
     raise ConfigError(f"model.attention='cudnn' needs an NVIDIA GPU but this run has {platform} "
                       "devices; use model.attention='xla'")
-  if c.model.attention == "pallas" and platform != "cpu":
-    raise ConfigError(f"model.attention='pallas' does not lower for {platform} yet (its GPU "
-                      "and TPU variants are still to come); use 'cudnn' or 'xla'")
   ways = sharding.batch_divisor(mesh) * c.train.microbatches
   if c.train.global_batch % ways:
     raise ConfigError(

@@ -1,9 +1,9 @@
 """jmid's Pallas kernels, importable without jmid.
 
 flash_attention: forward and backward (custom VJP, all Pallas) with causal, packed-document,
-GQA, sliding-window and softcap masking, tested in interpret mode against attention_reference;
-jmid uses it with model.attention='pallas'. The TPU tiling, the Mosaic GPU layouts and
-platform dispatch are the next steps of the kernel's issue: it runs interpreted on CPU only.
+GQA, sliding-window and softcap masking. It dispatches on the platform being lowered for:
+Triton kernels on GPU (flash_gpu), Mosaic TPU kernels on TPU (flash_tpu), the GPU kernels
+interpreted on CPU. attention_reference is the pure-jnp reference the tests check against.
 """
 
 from pallas_kernels.flash_attention import flash_attention

@@ -11,10 +11,12 @@ from jmid import sharding, train
 from tests.helpers import tiny_configdict
 
 
-def _config(data: int, fsdp: int, tensor: int, **train_kw) -> config_lib.Config:
+def _config(data: int, fsdp: int, tensor: int, attention: str = "xla",
+            **train_kw) -> config_lib.Config:
   c = tiny_configdict()
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
   c.model.d_model, c.model.n_heads, c.model.n_kv_heads, c.model.d_ff = 64, 4, 2, 128
+  c.model.attention = attention
   for k, v in train_kw.items():
     setattr(c.train, k, v)
   return config_lib.from_configdict(c)
@@ -55,6 +57,13 @@ def test_every_factorisation_matches_one_device(shape):
   many = _losses(_config(*shape), jax.devices())
   np.testing.assert_allclose(many, one, rtol=2e-5)
   assert one[-1] < one[0]  # and it actually trains
+
+
+def test_pallas_attention_under_a_mesh_matches_xla_on_one_device():
+  """The kernel runs per device in shard_map: rows over data*fsdp, heads over tensor."""
+  one = _losses(_config(1, 1, 1), jax.devices()[:1])
+  many = _losses(_config(2, 2, 2, attention="pallas"), jax.devices())
+  np.testing.assert_allclose(many, one, rtol=2e-5)
 
 
 def test_parameters_carry_the_rule_shardings():
