@@ -70,13 +70,13 @@ def attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
               causal: bool = True, window: int = 0) -> jax.Array:
   """Multi-head / grouped-query attention over packed rows; returns [B, T, Hq, D]."""
   scale = q_bthd.shape[-1] ** -0.5
+  if implementation == "pallas":  # masks block by block from the segment ids: no [T, T] mask
+    return _pallas(q_bthd, k_bshd, v_bshd, segment_ids_bt, causal, window, scale)
   mask = segment_mask(segment_ids_bt, causal, window)
   if implementation == "xla":
     return _xla(q_bthd, k_bshd, v_bshd, mask, scale)
   if implementation == "cudnn":
     return jax.nn.dot_product_attention(q_bthd, k_bshd, v_bshd, mask=mask, scale=scale,
                                         is_causal=causal, implementation="cudnn")
-  if implementation == "pallas":
-    return _pallas(q_bthd, k_bshd, v_bshd, segment_ids_bt, causal, window, scale)
   raise ValueError(f"unknown attention implementation {implementation!r}; "
                    f"choose one of {IMPLEMENTATIONS}")

@@ -18,15 +18,19 @@ from jmid import checkpoint as ckpt_lib
 from jmid.config import UserError
 
 
+def _put(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+  """tree[parts[0]][parts[1]]... = value, making the inner dicts on the way."""
+  for p in parts[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[parts[-1]] = value
+
+
 def read_leaf(step_dir: str, key: str, shape: tuple[int, ...]) -> np.ndarray:
   """One array of state/ (named like 'params.blocks.wq'), restored alone onto the CPU."""
   target: dict[str, Any] = {}
-  node = target
   parts = key.split(".")
-  for p in parts[:-1]:
-    node = node.setdefault(p, {})
   sharding = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-  node[parts[-1]] = jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding)
+  _put(target, parts, jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding))
   out = ckpt_lib.restore_tree(step_dir, target)
   for p in parts:
     out = out[p]
@@ -52,17 +56,11 @@ def average(paths: list[str], out_dir: str, key: str = "params") -> dict[str, An
     total = read_leaf(step_dirs[0], name, shape)
     for d in step_dirs[1:]:
       total += read_leaf(d, name, shape)
-    node = mean
-    parts = name.split(".")[1:]
-    for p in parts[:-1]:
-      node = node.setdefault(p, {})
-    node[parts[-1]] = total / len(step_dirs)
+    _put(mean, name.split(".")[1:], total / len(step_dirs))
   metas = [ckpt_lib.read_meta(d) for d in step_dirs]
   meta = {k: metas[0][k] for k in ("model", "config") if k in metas[0]}
   meta.update(step=0, tokens=0, lr=metas[0].get("lr"), averaged=step_dirs, lineage=[
-      {"from": d, "load": f"average({key})", "step": m.get("step"), "tokens": m.get("tokens"),
-       "lr": m.get("lr"), "run": m.get("config", {}).get("run", {}).get("name")}
-      for d, m in zip(step_dirs, metas)])
+      ckpt_lib.lineage_entry(d, m, f"average({key})") for d, m in zip(step_dirs, metas)])
   ckpt_lib.save_params(out_dir, mean, meta)
   return meta
 

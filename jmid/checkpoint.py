@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -24,6 +25,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jmid.config import UserError
+from jmid.safetensors_io import is_hf_folder
 
 
 def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -81,9 +83,7 @@ def resolve_step_dir(path: str, what: str = "init.from_path") -> str:
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.isdir(os.path.join(path, "state")):
     return path
-  if os.path.isfile(os.path.join(path, "config.json")) and any(
-      f.endswith(".safetensors") or f.endswith(".safetensors.index.json")
-      for f in os.listdir(path)):
+  if os.path.isdir(path) and is_hf_folder(path):
     raise UserError(f"{what}={path} is a Hugging Face folder, not a jmid checkpoint; "
                     "init.from_path takes it, this command does not")
   ckpt_dir = os.path.join(path, "checkpoints")
@@ -106,6 +106,12 @@ def read_meta(step_dir: str) -> dict[str, Any]:
   except (OSError, ValueError) as e:
     raise UserError(f"checkpoint {step_dir}: meta/metadata is unreadable ({first_line(e)}); "
                     "the checkpoint is damaged, use another step") from None
+
+
+def lineage_entry(step_dir: str, meta: dict[str, Any], load: str) -> dict[str, Any]:
+  """What a run records of a checkpoint it started from: where, how, and its step/tokens/lr."""
+  return {"from": step_dir, "load": load, "step": meta.get("step"), "tokens": meta.get("tokens"),
+          "lr": meta.get("lr"), "run": meta.get("config", {}).get("run", {}).get("name")}
 
 
 def saved_shapes(step_dir: str) -> dict[str, tuple[int, ...]]:
@@ -158,7 +164,6 @@ def save_params(out_dir: str, params: Any, meta: dict[str, Any]) -> None:
   out_dir = os.path.abspath(out_dir)
   tmp = out_dir + ".tmp"
   if os.path.exists(tmp):
-    import shutil
     shutil.rmtree(tmp)
   os.makedirs(os.path.join(tmp, "meta"))
   ocp.PyTreeCheckpointer().save(os.path.join(tmp, "state"), {"params": params})

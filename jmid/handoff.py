@@ -22,6 +22,7 @@ from jmid import checkpoint as ckpt_lib
 from jmid import hf
 from jmid import sharding
 from jmid.config import UserError
+from jmid.safetensors_io import is_hf_folder
 
 STATE_KEY = {"params": "params", "params+optimizer": "params", "ema": "ema"}
 
@@ -44,7 +45,7 @@ class Source:
 def find(path: str) -> Source:
   """A jmid workdir or step folder, or a Hugging Face folder (meta then holds its config)."""
   full = os.path.abspath(os.path.expanduser(path))
-  if os.path.isdir(full) and hf.is_hf_folder(full):
+  if os.path.isdir(full) and is_hf_folder(full):
     config = hf.read_config(full)
     arch = (config.get("architectures") or ["?"])[0]
     return Source(full, {"hf_config": config, "config": {"run": {"name": f"hf:{arch}"}}})
@@ -68,11 +69,8 @@ def _load_hf(source: Source, load: str, model: Any, abstract_params: Any) -> Any
 
 def lineage(source: Source, load: str) -> list[dict[str, Any]]:
   """This run's origin first, then the source's own lineage, back to the first stage."""
-  m = source.meta
-  entry = {"from": source.step_dir, "load": load, "step": m.get("step"),
-           "tokens": m.get("tokens"), "lr": m.get("lr"), "run": m.get("config", {})
-           .get("run", {}).get("name")}
-  return [entry] + list(m.get("lineage", []))
+  return ([ckpt_lib.lineage_entry(source.step_dir, source.meta, load)]
+          + list(source.meta.get("lineage", [])))
 
 
 def _grow_axes(names: tuple, saved: tuple[int, ...], want: tuple[int, ...]) -> bool:

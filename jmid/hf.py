@@ -22,18 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmid import checkpoint as ckpt_lib
 from jmid import model as model_lib
 from jmid.config import ModelConfig, UserError
 from jmid.safetensors_io import Folder
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                  "Qwen3ForCausalLM")
-
-
-def is_hf_folder(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "config.json")) and any(
-      f.endswith(".safetensors") or f.endswith(".safetensors.index.json")
-      for f in os.listdir(path))
 
 
 def read_config(path: str) -> dict[str, Any]:
@@ -144,7 +139,7 @@ def load_params(path: str, abstract_params: Any) -> Any:
   missing: list[str] = []
   leaves = []
   for p, leaf in flat[0]:
-    parts = [str(getattr(k, "key", k)) for k in p]
+    parts = ckpt_lib.path_str(p).split(".")
     stacked = parts[0] == "blocks"
     key = ".".join(parts[1:] if stacked else parts)
     if stacked:
@@ -232,5 +227,5 @@ def save(model_or_checkpoint: Model | str, out_dir: str, dtype: str = "float32")
     return
   m = model_or_checkpoint
   flat = jax.tree_util.tree_flatten_with_path(m.params)[0]
-  leaves = ((".".join(str(getattr(k, "key", k)) for k in p), np.asarray(x)) for p, x in flat)
+  leaves = ((ckpt_lib.path_str(p), np.asarray(x)) for p, x in flat)
   export.write_hf(out_dir, {"model": dataclasses.asdict(m.cfg)}, leaves, dtype)

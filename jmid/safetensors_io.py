@@ -25,6 +25,13 @@ NAMES = {v: k for k, v in DTYPES.items()}
 INDEX = "model.safetensors.index.json"
 
 
+def is_hf_folder(path: str) -> bool:
+  """A config.json next to safetensors weights (single, or sharded with an index)."""
+  return os.path.isfile(os.path.join(path, "config.json")) and any(
+      f.endswith(".safetensors") or f.endswith(".safetensors.index.json")
+      for f in os.listdir(path))
+
+
 class Folder:
   """{tensor name -> memory-mapped array} over every safetensors file of a HF folder."""
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -253,7 +254,6 @@ def _initial_state(c: config_lib.Config, su: Setup, mesh: jax.sharding.Mesh, man
 def _remove_if_no_files(path: str) -> None:
   """Removes a folder tree made only of empty folders (what a failed first start created)."""
   if all(not files for _, _, files in os.walk(path)):
-    import shutil
     shutil.rmtree(path, ignore_errors=True)
 
 

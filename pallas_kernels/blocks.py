@@ -1,5 +1,5 @@
 """What the GPU and TPU kernels share: the static call description, which block pairs can
-see each other, and padding to whole blocks."""
+see each other, padding to whole blocks, and the math of one block pair."""
 
 from __future__ import annotations
 
@@ -89,3 +89,30 @@ def pad(x: jax.Array, axis: int, to: int, value: int | float = 0) -> jax.Array:
 def fit(block: int, length: int, multiple: int) -> int:
   """The block size capped at the length rounded up to `multiple` (a short input, one block)."""
   return min(block, -(-length // multiple) * multiple)
+
+
+def mm(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+  """a . b over the given dims, in the inputs' dtype with float32 accumulation."""
+  return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def logits(cfg: Cfg, q: jax.Array, k: jax.Array) -> jax.Array:
+  """[bq, bk] float32 scaled logits of a query block against a key block, softcapped."""
+  s = mm(q, k, (1, 1)) * cfg.scale
+  return cfg.softcap * jnp.tanh(s / cfg.softcap) if cfg.softcap else s
+
+
+def probs_and_dlogits(cfg: Cfg, q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array,
+                      lse: jax.Array, delta: jax.Array, mask: jax.Array
+                      ) -> tuple[jax.Array, jax.Array]:
+  """(p, d loss / d (q.k)) for one block pair, recomputed from the logsumexp.
+
+  lse and delta are per query, shaped to broadcast against [bq, bk] ([bq, 1] or [bq, bk]).
+  """
+  s = logits(cfg, q, k)
+  p = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)), 0.0)
+  ds = p * (mm(do, v, (1, 1)) - delta)
+  if cfg.softcap:  # s = c tanh(x / c): ds/dx = 1 - (s / c)^2
+    ds = ds * (1.0 - jnp.square(s / cfg.softcap))
+  return p, ds * cfg.scale

@@ -12,6 +12,7 @@ query that sees no key returns 0 and logsumexp -inf). Forward and backward are b
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -27,7 +28,7 @@ def _by_platform(cfg: Cfg, name: str, *args):
   """flash_gpu.<name> or flash_tpu.<name>, chosen for the platform being lowered for."""
   if cfg.interpret:
     return getattr(flash_tpu if cfg.platform == "tpu" else flash_gpu, name)(cfg, *args)
-  interpreted = Cfg(**{**cfg.__dict__, "interpret": True})
+  interpreted = dataclasses.replace(cfg, interpret=True)
   gpu = functools.partial(getattr(flash_gpu, name), cfg)
   return jax.lax.platform_dependent(
       *args, cuda=gpu, rocm=gpu, tpu=functools.partial(getattr(flash_tpu, name), cfg),

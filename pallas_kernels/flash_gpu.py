@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from pallas_kernels.blocks import PAD_KV, PAD_Q, Cfg, fit, kv_range, pad, q_range
+from pallas_kernels.blocks import (PAD_KV, PAD_Q, Cfg, fit, kv_range, logits, mm, pad,
+                                   probs_and_dlogits, q_range)
 
 FWD_BLOCKS, BWD_BLOCKS = (128, 64), (64, 64)  # (query, key); untuned until a GPU is lent
 
@@ -39,12 +40,6 @@ def _any(mask: jax.Array) -> jax.Array:
   return jnp.max(mask.astype(jnp.int32)) > 0
 
 
-def _mm(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
-  """a . b over the given dims, in the inputs' dtype with float32 accumulation."""
-  return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                             preferred_element_type=jnp.float32)
-
-
 def _mask(cfg: Cfg, q_seg: jax.Array, k_seg: jax.Array, q_pos: jax.Array,
           k_pos: jax.Array) -> jax.Array:
   mask = q_seg[:, None] == k_seg[None, :]
@@ -53,12 +48,6 @@ def _mask(cfg: Cfg, q_seg: jax.Array, k_seg: jax.Array, q_pos: jax.Array,
   if cfg.window:
     mask &= q_pos[:, None] - k_pos[None, :] < cfg.window
   return mask
-
-
-def _logits(cfg: Cfg, q: jax.Array, k: jax.Array) -> jax.Array:
-  """[bq, bk] float32 scaled logits of a query block against a key block, softcapped."""
-  s = _mm(q, k, (1, 1)) * cfg.scale
-  return cfg.softcap * jnp.tanh(s / cfg.softcap) if cfg.softcap else s
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, *, cfg: Cfg, bq: int,
@@ -75,12 +64,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, *, cfg: Cfg
     def compute(carry: tuple) -> tuple:
       m, l, acc = carry
       v = v_ref[ks, :]
-      s = jnp.where(mask, _logits(cfg, q, k_ref[ks, :]), -jnp.inf)
+      s = jnp.where(mask, logits(cfg, q, k_ref[ks, :]), -jnp.inf)
       m_new = jnp.maximum(m, jnp.max(s, axis=1))
       m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
       p = jnp.exp(s - m_safe[:, None])
       alpha = jnp.exp(m - m_safe)
-      return m_new, alpha * l + jnp.sum(p, axis=1), alpha[:, None] * acc + _mm(
+      return m_new, alpha * l + jnp.sum(p, axis=1), alpha[:, None] * acc + mm(
           p.astype(v.dtype), v, (1, 0))
 
     return jax.lax.cond(_any(mask), compute, lambda c: c, carry)
@@ -94,24 +83,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, *, cfg: Cfg
   lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
 
 
-def _probs_and_dlogits(cfg: Cfg, q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array,
-                       lse: jax.Array, delta: jax.Array, mask: jax.Array
-                       ) -> tuple[jax.Array, jax.Array]:
-  """(p, d loss / d (q.k)) for one block pair, recomputed from the logsumexp."""
-  s = _logits(cfg, q, k)
-  p = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[:, None]), 0.0)
-  ds = p * (_mm(do, v, (1, 1)) - delta[:, None])
-  if cfg.softcap:  # s = c tanh(x / c): ds/dx = 1 - (s / c)^2
-    ds = ds * (1.0 - jnp.square(s / cfg.softcap))
-  return p, ds * cfg.scale
-
-
 def _dq_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
                cfg: Cfg, bq: int, bk: int, n_kv: int) -> None:
   i = pl.program_id(2)
   q = q_ref[...]
   q_seg, q_pos = qs_ref[...], i * bq + jnp.arange(bq) + cfg.offset
-  do, lse, delta = do_ref[...], lse_ref[...], delta_ref[...]
+  do, lse, delta = do_ref[...], lse_ref[...][:, None], delta_ref[...][:, None]
 
   def visit(j: jax.Array, dq: jax.Array) -> jax.Array:
     ks = pl.ds(j * bk, bk)
@@ -119,8 +96,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, 
 
     def compute(dq: jax.Array) -> jax.Array:
       k = k_ref[ks, :]
-      _, ds = _probs_and_dlogits(cfg, q, k, v_ref[ks, :], do, lse, delta, mask)
-      return dq + _mm(ds.astype(k.dtype), k, (1, 0))
+      _, ds = probs_and_dlogits(cfg, q, k, v_ref[ks, :], do, lse, delta, mask)
+      return dq + mm(ds.astype(k.dtype), k, (1, 0))
 
     return jax.lax.cond(_any(mask), compute, lambda d: d, dq)
 
@@ -142,8 +119,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref,
     def compute(carry: tuple) -> tuple:
       dk, dv = carry
       q, do = q_ref[qs, :], do_ref[qs, :]
-      p, ds = _probs_and_dlogits(cfg, q, k, v, do, lse_ref[qs], delta_ref[qs], mask)
-      return dk + _mm(ds.astype(q.dtype), q, (0, 0)), dv + _mm(p.astype(do.dtype), do, (0, 0))
+      p, ds = probs_and_dlogits(cfg, q, k, v, do, lse_ref[qs][:, None],
+                                 delta_ref[qs][:, None], mask)
+      return dk + mm(ds.astype(q.dtype), q, (0, 0)), dv + mm(p.astype(do.dtype), do, (0, 0))
 
     return jax.lax.cond(_any(mask), compute, lambda c: c, carry)
 

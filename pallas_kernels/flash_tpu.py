@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.blocks import (PAD_KV, PAD_Q, Cfg, block_mask, fit, kv_range, pad,
-                                   q_range)
+from pallas_kernels.blocks import (PAD_KV, PAD_Q, Cfg, block_mask, fit, kv_range, logits,
+                                   pad, probs_and_dlogits, q_range)
 
 LANES, SUBLANES = 128, 8
 BLOCKS = (512, 512)  # (query, key); JAX's TPU kernels default to 512 as well
@@ -49,12 +49,6 @@ def _mask(cfg: Cfg, qs_ref, ks_ref, i: jax.Array, j: jax.Array, bq: int,
   return mask
 
 
-def _logits(cfg: Cfg, q: jax.Array, k: jax.Array) -> jax.Array:
-  s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                          preferred_element_type=jnp.float32) * cfg.scale
-  return cfg.softcap * jnp.tanh(s / cfg.softcap) if cfg.softcap else s
-
-
 def _fwd_kernel(bm_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, m_scr, l_scr,
                 acc_scr, *, cfg: Cfg, bq: int, bk: int) -> None:
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
@@ -68,7 +62,7 @@ def _fwd_kernel(bm_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, m_s
   @pl.when(bm_ref[b, i, j] != 0)
   def _compute():
     mask = _mask(cfg, qs_ref, ks_ref, i, j, bq, bk)
-    s = jnp.where(mask, _logits(cfg, q_ref[...], k_ref[...]), -jnp.inf)
+    s = jnp.where(mask, logits(cfg, q_ref[...], k_ref[...]), -jnp.inf)
     m_prev = m_scr[...]
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # [bq, 128]
     m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
@@ -90,19 +84,6 @@ def _fwd_kernel(bm_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, m_s
     lse_ref[...] = jnp.where(seen, m_scr[...] + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
 
 
-def _probs_and_dlogits(cfg: Cfg, mask, q, k, v, do, lse, delta, bk: int
-                       ) -> tuple[jax.Array, jax.Array]:
-  """(p, d loss / d (q.k)) for one block pair, recomputed from the logsumexp."""
-  s = _logits(cfg, q, k)
-  lse = _wide(jnp.where(jnp.isfinite(lse), lse, 0.0), bk)
-  p = jnp.where(mask, jnp.exp(s - lse), 0.0)
-  dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  ds = p * (dp - _wide(delta, bk))
-  if cfg.softcap:
-    ds = ds * (1.0 - jnp.square(s / cfg.softcap))
-  return p, ds * cfg.scale
-
-
 def _dq_kernel(bm_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref,
                dq_ref, dq_scr, *, cfg: Cfg, bq: int, bk: int) -> None:
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
@@ -115,8 +96,8 @@ def _dq_kernel(bm_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, del
   def _compute():
     mask = _mask(cfg, qs_ref, ks_ref, i, j, bq, bk)
     k = k_ref[...]
-    _, ds = _probs_and_dlogits(cfg, mask, q_ref[...], k, v_ref[...], do_ref[...],
-                               lse_ref[...], delta_ref[...], bk)
+    _, ds = probs_and_dlogits(cfg, q_ref[...], k, v_ref[...], do_ref[...],
+                              _wide(lse_ref[...], bk), _wide(delta_ref[...], bk), mask)
     dq_scr[...] += jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
                                        preferred_element_type=jnp.float32)
 
@@ -138,8 +119,8 @@ def _dkv_kernel(bm_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, de
   def _compute():
     mask = _mask(cfg, qs_ref, ks_ref, i, j, bq, bk)
     q, do = q_ref[...], do_ref[...]
-    p, ds = _probs_and_dlogits(cfg, mask, q, k_ref[...], v_ref[...], do, lse_ref[...],
-                               delta_ref[...], bk)
+    p, ds = probs_and_dlogits(cfg, q, k_ref[...], v_ref[...], do, _wide(lse_ref[...], bk),
+                              _wide(delta_ref[...], bk), mask)
     tn = (((0,), (0,)), ((), ()))  # contract the query axis: p^T do, ds^T q
     dv_scr[...] += jax.lax.dot_general(p.astype(do.dtype), do, tn,
                                        preferred_element_type=jnp.float32)

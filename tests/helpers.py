@@ -28,3 +28,17 @@ def tiny_configdict(**model: object) -> ConfigDict:
 
 def tiny_config(**model: object) -> config_lib.Config:
   return config_lib.from_configdict(tiny_configdict(**model))
+
+
+def run_configdict(workdir: object, cache_dir: str, steps: int) -> ConfigDict:
+  """A tiny model on the demo corpus over a real mesh (data 4 x fsdp 2 of the 8 fake devices),
+  logging every step and checkpointing every 3: what the end-to-end tests run."""
+  c = tiny_configdict()
+  c.model.vocab_size = 384  # the byte tokenizer of the demo corpus needs 258 ids
+  c.run.workdir = str(workdir)
+  c.data.cache_dir = cache_dir
+  c.mesh.fsdp, c.mesh.data = 2, -1
+  c.train.steps = steps
+  c.train.log_every_steps = 1
+  c.train.checkpoint_every_steps = 3
+  return c

@@ -18,24 +18,17 @@ from jmid import model as model_lib
 from jmid import sharding, train
 from jmid.config import MeshConfig, UserError
 from jmid.data import pipeline
-from tests.helpers import tiny_configdict
+from tests.helpers import run_configdict
 
 SOURCE_STEPS = 6
 SOURCE_END_LR = 1e-3  # linear 3e-3 -> 1e-3 over the source run: its stored lr is not 0
 
 
 def _cfg(workdir, cache_dir, steps=4):
-  c = tiny_configdict()
-  c.model.vocab_size = 384
-  c.run.workdir = str(workdir)
-  c.data.cache_dir = cache_dir
-  c.mesh.fsdp, c.mesh.data = 2, -1
+  c = run_configdict(workdir, cache_dir, steps)
   c.optim.schedule, c.optim.lr, c.optim.end_lr = "linear", 3e-3, SOURCE_END_LR
-  c.train.steps = steps
-  c.train.log_every_steps = 1
   c.train.eval_every_steps = 0
   c.train.eval_batches = 1
-  c.train.checkpoint_every_steps = 3
   return c
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jmid import train
-from tests.helpers import tiny_configdict
+from tests.helpers import run_configdict
 
 
 @pytest.fixture(scope="module")
@@ -17,18 +17,10 @@ def cache_dir(tmp_path_factory):
 
 
 def _cfg(workdir, cache_dir, steps=8):
-  c = tiny_configdict()
-  c.model.vocab_size = 384  # the byte tokenizer of the demo corpus needs 258 ids
-  c.run.workdir = str(workdir)
-  c.data.cache_dir = cache_dir
-  c.mesh.fsdp = 2  # a real mesh: 4 x fsdp 2 over the 8 fake devices
-  c.mesh.data = -1
+  c = run_configdict(workdir, cache_dir, steps)
   c.optim.schedule, c.optim.warmup_steps, c.optim.decay_steps = "wsd", 2, 3
-  c.train.steps = steps
-  c.train.log_every_steps = 1
   c.train.eval_every_steps = 4
   c.train.eval_batches = 2
-  c.train.checkpoint_every_steps = 3
   return c
 
 
