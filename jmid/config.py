@@ -263,6 +263,9 @@ def validate(c: Config) -> None:
            f"model.rope_low_freq_factor={m.rope_low_freq_factor} > 0 (Llama 3.1: 4 and 1)")
   _check(m.norm_eps > 0, f"model.norm_eps={m.norm_eps}: must be > 0")
   _choice("model.attention", m.attention, ATTENTION)
+  _check(m.attention != "pallas" or m.dh < 128 or m.dh % 128 == 0,
+         f"model.attention='pallas' needs a head width below 128 or a multiple of 128 (the TPU "
+         f"kernel's lane tiling), got {m.dh}; use 'xla' or another model.head_dim")
   _choice("model.remat", m.remat, REMAT)
   _choice("model.param_dtype", m.param_dtype, DTYPES)
   _choice("model.compute_dtype", m.compute_dtype, DTYPES)

@@ -23,6 +23,8 @@ CASES = [
     (["--config.model.attention=cudnn"], "model.attention='cudnn' needs model.compute_dtype"),
     (["--config.model.attention=cudnn", "--config.model.compute_dtype=bfloat16"],
      "model.attention='cudnn' needs an NVIDIA GPU"),
+    (["--config.model.head_dim=192", "--config.model.attention=pallas"],
+     "model.attention='pallas' needs a head width below 128 or a multiple of 128"),
 ]
 
 
