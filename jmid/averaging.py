@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from jmid import checkpoint as ckpt_lib
-from jmid.config import UserError
+from jmid.errors import UserError
 
 
 def _put(tree: dict[str, Any], parts: list[str], value: Any) -> None:

@@ -24,7 +24,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jmid.config import UserError
+from jmid import cli
+from jmid.errors import UserError, first_line
 from jmid.safetensors_io import is_hf_folder
 
 
@@ -183,27 +184,21 @@ def path_str(path: tuple) -> str:
                   for k in path)
 
 
-def first_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return text[0][:300] if text else type(e).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
+  return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
   from jmid import averaging, ckpt_info
-  argv = list(sys.argv[1:] if argv is None else argv)
   usage = ("usage: python -m jmid.checkpoint info PATH | "
            "python -m jmid.checkpoint average --out=DIR [--key=params|ema] CKPT CKPT ...")
-  try:
-    if argv[:1] == ["info"] and len(argv) == 2:
-      print(ckpt_info.describe(resolve_step_dir(argv[1], "PATH")))
-      return 0
-    if argv[:1] == ["average"]:
-      averaging.main(argv[1:])
-      return 0
-    raise UserError(usage)
-  except UserError as e:
-    print(f"jmid: error: {e}", file=sys.stderr)
-    return 2
+  if argv[:1] == ["info"] and len(argv) == 2:
+    print(ckpt_info.describe(resolve_step_dir(argv[1], "PATH")))
+    return 0
+  if argv[:1] == ["average"]:
+    averaging.main(argv[1:])
+    return 0
+  raise UserError(usage)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-
-class UserError(Exception):
-  """A mistake the user can fix; printed as one line, exit code 2, no traceback."""
-
-
-class ConfigError(UserError):
-  """A config value that is unknown, out of range or inconsistent with another."""
+from jmid.errors import ConfigError
 
 
 ATTENTION = ("xla", "cudnn", "pallas")

@@ -13,7 +13,7 @@ import os
 
 import jax
 
-from jmid.config import UserError
+from jmid.errors import UserError
 
 ENV = ("JMID_COORDINATOR_ADDRESS", "JMID_NUM_PROCESSES", "JMID_PROCESS_ID")
 

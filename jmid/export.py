@@ -21,9 +21,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from jmid import averaging, hf
+from jmid import averaging, cli, hf
 from jmid import checkpoint as ckpt_lib
-from jmid.config import UserError
+from jmid.errors import UserError
 from jmid.safetensors_io import write_folder
 
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
@@ -144,24 +144,23 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
 
 
 def main(argv: list[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
+  return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
   opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
   usage = ("usage: python -m jmid.export --workdir=W [--step=S] --out=DIR "
            "[--dtype=float32|bfloat16|float16] [--shard-mb=5000]")
+  bad = [a for a in argv if not (a.startswith("--") and "=" in a)] + sorted(
+      set(opts) - {"workdir", "step", "out", "dtype", "shard-mb"})
+  if bad or "workdir" not in opts or "out" not in opts:
+    raise UserError(usage)
   try:
-    bad = [a for a in argv if not (a.startswith("--") and "=" in a)] + sorted(
-        set(opts) - {"workdir", "step", "out", "dtype", "shard-mb"})
-    if bad or "workdir" not in opts or "out" not in opts:
-      raise UserError(usage)
-    try:
-      step = int(opts["step"]) if "step" in opts else None
-      shard_mb = float(opts.get("shard-mb", 5000))
-    except ValueError:
-      raise UserError(f"--step and --shard-mb must be numbers; {usage}") from None
-    files = export(opts["workdir"], opts["out"], step, opts.get("dtype", "float32"), shard_mb)
-  except UserError as e:
-    print(f"jmid: error: {e}", file=sys.stderr)
-    return 2
+    step = int(opts["step"]) if "step" in opts else None
+    shard_mb = float(opts.get("shard-mb", 5000))
+  except ValueError:
+    raise UserError(f"--step and --shard-mb must be numbers; {usage}") from None
+  files = export(opts["workdir"], opts["out"], step, opts.get("dtype", "float32"), shard_mb)
   print(f"jmid: exported {opts['workdir']} -> {opts['out']} ({len(files)} safetensors file(s))")
   return 0
 

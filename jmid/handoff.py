@@ -21,7 +21,7 @@ import optax
 from jmid import checkpoint as ckpt_lib
 from jmid import hf
 from jmid import sharding
-from jmid.config import UserError
+from jmid.errors import UserError
 from jmid.safetensors_io import is_hf_folder
 
 STATE_KEY = {"params": "params", "params+optimizer": "params", "ema": "ema"}

@@ -24,7 +24,8 @@ import numpy as np
 
 from jmid import checkpoint as ckpt_lib
 from jmid import model as model_lib
-from jmid.config import ModelConfig, UserError
+from jmid.config import ModelConfig
+from jmid.errors import UserError
 from jmid.safetensors_io import Folder
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",

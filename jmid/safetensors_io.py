@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import ml_dtypes
 import numpy as np
 
-from jmid.config import UserError
+from jmid.errors import UserError
 
 DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
           "BF16": np.dtype(ml_dtypes.bfloat16), "F64": np.dtype(np.float64),

@@ -15,7 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jmid.config import ConfigError, MeshConfig
+from jmid.config import MeshConfig
+from jmid.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor", "context")
 

@@ -28,8 +28,8 @@ from jmid import config as config_lib
 from jmid import distributed
 from jmid import metrics as metrics_lib
 from jmid import model as model_lib
-from jmid import handoff, optim, sharding, steps
-from jmid.config import ConfigError, UserError
+from jmid import cli, handoff, optim, sharding, steps
+from jmid.errors import ConfigError, UserError
 from jmid.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (Python).")
@@ -355,14 +355,14 @@ def parse_config(argv: list[str]) -> ConfigDict:
 
 
 def main(argv: list[str] | None = None) -> int:
-  try:
-    cfg = parse_config(list(sys.argv if argv is None else argv))
-    logging.set_verbosity(logging.WARNING)
-    distributed.initialize()
-    train(cfg)
-  except UserError as e:
-    print(f"jmid: error: {e}", file=sys.stderr)
-    return 2
+  return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+  cfg = parse_config([sys.argv[0], *argv])
+  logging.set_verbosity(logging.WARNING)
+  distributed.initialize()
+  train(cfg)
   return 0
 
 

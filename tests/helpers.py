@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import pathlib
+import subprocess
+from collections.abc import Iterator
+
+import pytest
 from ml_collections import ConfigDict
 
 from configs import base
@@ -42,3 +48,30 @@ def run_configdict(workdir: object, cache_dir: str, steps: int) -> ConfigDict:
   c.train.log_every_steps = 1
   c.train.checkpoint_every_steps = 3
   return c
+
+
+@contextlib.contextmanager
+def small_fs(path: pathlib.Path, size_kb: int, readonly: bool = False) -> Iterator[pathlib.Path]:
+  """A real tmpfs of `size_kb` at `path` (a full disk once filled; read-only if asked): what a
+  full or read-only volume does to a command, without faking errors. Needs root (CI is)."""
+  path.mkdir(parents=True, exist_ok=True)
+  opts = f"size={size_kb}k" + (",ro" if readonly else "")
+  proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
+                        capture_output=True, text=True)
+  if proc.returncode:
+    pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); needs root")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path: pathlib.Path) -> None:
+  """Fills the filesystem holding `path` to the last byte."""
+  with open(path / "filler", "wb") as f:
+    try:
+      while True:
+        f.write(b"\0" * 4096)
+        f.flush()
+    except OSError:
+      pass

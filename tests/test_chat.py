@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jmid.config import UserError
+from jmid.errors import UserError
 from jmid.data.chat import chat_text, render_chat
 from jmid.data.tokenizer import ByteTokenizer, HFTokenizer
 from tests.bpe import train_bpe

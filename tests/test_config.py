@@ -4,6 +4,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from jmid import config as config_lib
+from jmid.errors import ConfigError
 from tests.helpers import tiny_configdict
 
 
@@ -31,7 +32,7 @@ def test_sources_take_defaults_for_keys_not_given():
     (((0, 1.0),), "each stage is"),
 ])
 def test_bad_mixture_schedules(mixture, match):
-  with pytest.raises(config_lib.ConfigError, match=match):
+  with pytest.raises(ConfigError, match=match):
     config_lib.from_configdict(_with(mixture))
 
 
@@ -42,7 +43,7 @@ def test_bad_mixture_schedules(mixture, match):
     ({"colour": "red"}, "data.sources.web.colour: unknown key"),
 ])
 def test_bad_source_keys(source, match):
-  with pytest.raises(config_lib.ConfigError, match=match):
+  with pytest.raises(ConfigError, match=match):
     config_lib.from_configdict(_with(**source))
 
 

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from jmid.config import UserError
+from jmid.errors import UserError
 from jmid.data import pipeline
 from jmid.data.tokenfile import TokenFile, write_token_file
 from jmid.data.tokenizer import ByteTokenizer

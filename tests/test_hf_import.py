@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from jmid import hf
-from jmid.config import UserError
+from jmid.errors import UserError
 
 BASE = dict(vocab_size=160, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=96, max_position_embeddings=512,

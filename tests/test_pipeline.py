@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jmid.config import DataConfig, SourceConfig, UserError
+from jmid.config import DataConfig, SourceConfig
+from jmid.errors import UserError
 from jmid.data import demo, pipeline
 from jmid.data.tokenfile import TokenFile, write_token_file
 from jmid.data.tokenizer import ByteTokenizer

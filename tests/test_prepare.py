@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jmid.config import SourceConfig, UserError
+from jmid.config import SourceConfig
+from jmid.errors import UserError
 from jmid.data import prepare
 from jmid.data.chat import render_chat
 from jmid.data.sources import open_source

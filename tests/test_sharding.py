@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jmid import config as config_lib
+from jmid.errors import ConfigError
 from jmid import sharding, train
 from tests.helpers import tiny_configdict
 
@@ -106,6 +107,6 @@ def test_dimension_not_divisible_is_replicated_not_an_error():
 
 
 def test_mesh_size_mismatch_is_a_config_error():
-  with pytest.raises(config_lib.ConfigError, match="mesh"):
+  with pytest.raises(ConfigError, match="mesh"):
     sharding.mesh_shape(config_lib.MeshConfig(data=3, fsdp=1, tensor=1, context=1), 8)
   assert sharding.mesh_shape(config_lib.MeshConfig(2, -1, 2, 1), 8) == (2, 2, 2, 1)

@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jmid.config import SourceConfig, UserError
+from jmid.config import SourceConfig
+from jmid.errors import UserError
 from jmid.data.chat import render_chat
 from jmid.data.formats import write_arrayrecord
 from jmid.data.sources import open_source

@@ -16,7 +16,8 @@ from jmid import checkpoint as ckpt_lib
 from jmid import config as config_lib
 from jmid import model as model_lib
 from jmid import sharding, train
-from jmid.config import MeshConfig, UserError
+from jmid.config import MeshConfig
+from jmid.errors import UserError
 from jmid.data import pipeline
 from tests.helpers import run_configdict
 

@@ -100,7 +100,7 @@ def test_init_from_path_loads_params_with_a_fresh_optimizer(tmp_path, cache_dir)
 
 
 def test_init_from_a_path_that_is_not_a_checkpoint(tmp_path, cache_dir):
-  from jmid.config import UserError
+  from jmid.errors import UserError
   c = _cfg(tmp_path / "dst", cache_dir, steps=6)
   c.init.from_path = str(tmp_path)
   with pytest.raises(UserError, match="init.from_path"):

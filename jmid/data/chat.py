@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from jmid.config import UserError
+from jmid.errors import UserError
 from jmid.data.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")

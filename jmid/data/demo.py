@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from jmid.config import UserError
+from jmid.errors import UserError
 from jmid.data import tokenfile
 from jmid.data.mathgen import chat_conversations, math_documents
 from jmid.data.chat import render_chat

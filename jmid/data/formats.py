@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from jmid.config import UserError
+from jmid.errors import UserError
 from jmid.data.chat import render_chat, validate_messages
 from jmid.data.tokenizer import Tokenizer
 

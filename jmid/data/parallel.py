@@ -23,17 +23,9 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from jmid.config import UserError
+from jmid.errors import Interrupted, UserError
 
 _STOP: list[int] = []  # signals received, oldest first
-
-
-class Interrupted(BaseException):
-  """SIGINT/SIGTERM, raised at a safe point; a BaseException so nothing swallows it."""
-
-  def __init__(self, signum: int) -> None:
-    super().__init__(signal.Signals(signum).name)
-    self.signum = signum
 
 
 def on_signal(signum: int, frame: Any) -> None:

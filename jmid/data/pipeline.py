@@ -23,7 +23,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from jmid.config import DataConfig, SourceConfig, UserError
+from jmid.config import DataConfig, SourceConfig
+from jmid.errors import UserError
 from jmid.data import demo, mixture, packing, sources
 from jmid.data.tokenizer import Tokenizer, load_tokenizer
 

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from jmid.config import UserError
+from jmid import cli
+from jmid.errors import UserError
 from jmid.data import formats, parallel
 from jmid.data.tokenfile import token_dtype, write_token_file
 from jmid.data.tokenizer import Tokenizer, load_tokenizer
@@ -229,23 +230,16 @@ def prepare(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+  return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
   progress = Progress()
   try:
     args = parse_args(argv)
     meta = prepare(args, progress)
-  except UserError as e:
+  finally:
     progress.end()
-    print(f"jmid: error: {e}", file=sys.stderr)
-    return 2
-  except parallel.Interrupted as e:
-    progress.end()
-    print(f"jmid: interrupted by {e}; nothing was written", file=sys.stderr)
-    return 128 + e.signum
-  except KeyboardInterrupt:
-    progress.end()
-    print("jmid: interrupted; nothing was written", file=sys.stderr)
-    return 130
-  progress.end()
   dt = max(time.perf_counter() - progress.t0, 1e-9)
   mask = ", with loss mask" if meta["has_mask"] else ""
   print(f"wrote {os.path.abspath(args.out)}: {meta['n_docs']:,} documents, "

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from jmid.config import FORMATS, SourceConfig, UserError
+from jmid.config import FORMATS, SourceConfig
+from jmid.errors import UserError
 from jmid.data import formats
 from jmid.data.tokenfile import TokenFile
 from jmid.data.tokenizer import Tokenizer

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from jmid.config import UserError
+from jmid.errors import UserError
 
 FORMAT = "jmid-tokens-v1"
 _FIX = "rewrite it with jmid.data.tokenfile.write_token_file (or fix the path)"

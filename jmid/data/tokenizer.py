@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from jmid.config import UserError
+from jmid.errors import UserError
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>",
                   "<｜end▁of▁sentence｜>")  # the last is DeepSeek's (full-width bars)
