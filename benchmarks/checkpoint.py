@@ -66,7 +66,7 @@ def main() -> None:
   c = _config(args.d_model, args.layers, args.vocab)
   mesh = sharding.make_mesh(c.mesh)
   su = train.setup(c, mesh)
-  batch = train.to_global(synthetic_batch(c.train.global_batch, c.data.seq_len,
+  batch = sharding.to_global(synthetic_batch(c.train.global_batch, c.data.seq_len,
                                           c.model.vocab_size, seed=0), su.batch_sh)
   with jax.set_mesh(mesh), tempfile.TemporaryDirectory(dir=".") as tmp:
     state = su.create_state()

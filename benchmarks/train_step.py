@@ -51,7 +51,7 @@ def bare_step_seconds(c: config_lib.Config, steps: int) -> float:
     state = su.create_state()
     batch = next(it)
     batch.pop("source")
-    batch = train.to_global(batch, su.batch_sh)
+    batch = sharding.to_global(batch, su.batch_sh)
     state, m = su.train_step(state, batch)  # compile
     jax.block_until_ready(m)
     t0 = time.perf_counter()

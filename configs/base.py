@@ -92,6 +92,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.train.checkpoint_every_steps = 200  # async Orbax save; a final save always happens
   c.train.keep_checkpoints = 3  # newest checkpoints kept
   c.train.ema_decay = 0.0  # EMA of params kept in the state (init.load='ema' reads it); 0 = off
+  c.train.max_skipped_steps = 10  # stop after this many consecutive non-finite steps (skipped)
+  c.train.resume_step = -1  # resume from this earlier checkpoint; newer ones are moved aside
+  c.train.allow_resume_changes = False  # resume despite a changed seq_len/batch/data sources
 
   c.init = ConfigDict()
   c.init.from_path = ""  # another run's workdir or checkpoint step folder; "" = random init

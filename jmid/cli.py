@@ -11,11 +11,54 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from jmid.errors import Interrupted, UserError, clean, os_problem
+
+
+class StopFlag:
+  """SIGINT/SIGTERM only set a flag, checked at safe points: start-up stops at its next phase
+  boundary (a signal in the middle of an XLA compile must not unwind through C++, which
+  crashed), the train loop at the next step, after saving. Installed before the heavy imports
+  of an entry point, so a Ctrl-C in the first second is caught too."""
+
+  def __init__(self) -> None:
+    self.signum = 0
+
+  def __call__(self, signum: int, frame: Any) -> None:
+    del frame
+    again = " (again: stopping at the next safe point)" if self.signum else ""
+    self.signum = self.signum or signum
+    print(f"jmid: got {signal.Signals(signum).name}; stopping cleanly{again}", file=sys.stderr,
+          flush=True)
+
+  def install(self) -> dict[int, Any]:
+    """Sets the handlers (main thread only); returns the ones they replace."""
+    if threading.current_thread() is not threading.main_thread():
+      return {}
+    return {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  @contextlib.contextmanager
+  def installed(self) -> Iterator["StopFlag"]:
+    old = self.install()
+    try:
+      yield self
+    finally:
+      for s, h in old.items():
+        signal.signal(s, h)
+      self.signum = 0
+
+  def check(self, what_now: str = "nothing was changed; the next run starts normally") -> None:
+    if self.signum:
+      raise Interrupted(self.signum, what_now)
+
+
+STOP = StopFlag()
 
 
 def error(message: str) -> None:
@@ -32,7 +75,8 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
     return 2
   except Interrupted as e:
     name = signal.Signals(e.signum).name
-    print(f"jmid: interrupted by {name}; stopped cleanly", file=sys.stderr, flush=True)
+    print(f"jmid: stopped by {name}; {e.what_now or 'stopped cleanly'}", file=sys.stderr,
+          flush=True)
     return 128 + e.signum
   except KeyboardInterrupt:
     print("jmid: interrupted by SIGINT; stopped", file=sys.stderr, flush=True)

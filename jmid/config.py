@@ -28,6 +28,14 @@ FORMATS = ("tokens", "npy", "bin", "arrayrecord", "jsonl", "parquet")
 KINDS = ("text", "chat")
 INTERPOLATIONS = ("step", "linear")
 DEMO_SOURCES = ("code", "math", "text", "chat")
+# Config keys (and key prefixes) whose change breaks an exact resume: the data stream and the
+# rows of every batch depend on them. A resume that changes one needs train.allow_resume_changes.
+RESUME_BREAKING = ("data.seq_len", "train.global_batch", "data.sources", "data.demo",
+                   "data.tokenizer", "data.packing", "data.shuffle", "data.eval_fraction",
+                   "run.seed")
+# Keys that only steer how a run starts; they may differ from the checkpoint's without a word.
+RESUME_CONTROLS = ("train.resume_step", "train.allow_resume_changes")
+MAX_SEQ_LEN = 1 << 22  # 4M tokens per row: beyond any model's context; catches typos like 1e9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +151,9 @@ class TrainConfig:
   checkpoint_every_steps: int
   keep_checkpoints: int
   ema_decay: float = 0.0
+  max_skipped_steps: int = 10
+  resume_step: int = -1
+  allow_resume_changes: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +286,8 @@ def validate(c: Config) -> None:
   _check(c.mesh.context == 1, f"mesh.context={c.mesh.context}: context parallelism (ring "
          "attention) is not available yet; set mesh.context=1")
 
-  _check(dt.seq_len > 0, f"data.seq_len={dt.seq_len}: must be a positive integer")
+  _check(0 < dt.seq_len <= MAX_SEQ_LEN, f"data.seq_len={dt.seq_len}: must be a positive "
+         f"integer of at most {MAX_SEQ_LEN:,} tokens per row")
   _check(0.0 < dt.eval_fraction < 1.0,
          f"data.eval_fraction={dt.eval_fraction}: must be in (0, 1)")
   _choice("data.packing", dt.packing, PACKING)
@@ -319,6 +331,9 @@ def validate(c: Config) -> None:
   for key in ("log_every_steps", "eval_batches", "keep_checkpoints", "checkpoint_every_steps"):
     _check(getattr(t, key) > 0, f"train.{key}={getattr(t, key)}: must be > 0")
   _check(t.eval_every_steps >= 0, f"train.eval_every_steps={t.eval_every_steps}: must be >= 0")
+  _check(t.max_skipped_steps > 0, f"train.max_skipped_steps={t.max_skipped_steps}: must be > 0")
+  _check(t.resume_step >= -1, f"train.resume_step={t.resume_step}: a checkpoint step of this "
+         "workdir, or -1 for the latest")
 
   _check(0 <= t.ema_decay < 1,
          f"train.ema_decay={t.ema_decay}: must be in [0, 1) (0 = no EMA)")

@@ -42,3 +42,15 @@ def initialize() -> None:
     jax.distributed.initialize(os.environ[ENV[0]], num_processes=n, process_id=i)
   elif _cluster_detected():
     jax.distributed.initialize()
+
+
+def barrier(name: str) -> None:
+  """All processes wait here (e.g. until process 0 has changed the workdir); no-op alone."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def process_shard() -> dict[str, int]:
+  """This process's place among the job's processes: which rows of each batch it reads."""
+  return {"process_index": jax.process_index(), "process_count": jax.process_count()}

@@ -42,9 +42,9 @@ class Interrupted(BaseException):
   """SIGINT/SIGTERM, raised at a safe point after cleaning up; the CLI exits 128 + signum.
   A BaseException, so no `except Exception` on the way swallows it."""
 
-  def __init__(self, signum: int) -> None:
-    super().__init__(signum)
-    self.signum = signum
+  def __init__(self, signum: int, what_now: str = "") -> None:
+    super().__init__(signum, what_now)
+    self.signum, self.what_now = signum, what_now
 
 
 def first_line(e: BaseException) -> str:
@@ -54,7 +54,10 @@ def first_line(e: BaseException) -> str:
 
 
 def clean(msg: str) -> str:
-  """Removes `<bound method ...>` / `<... object at 0x...>` reprs and escaped newlines."""
+  """Removes `<bound method ...>` / `<... object at 0x...>` reprs (TensorStore's specs too) and
+  escaped newlines."""
+  msg = re.sub(r"\s*See full TensorStore details: <bound method .*?\}\)>\.?", "", msg, flags=re.S)
+  msg = re.sub(r"\s*\[(source locations|tensorstore_spec)='[^']*'\]", "", msg)
   msg = re.sub(r"<(bound method|built-in method|function)[^<>]*>", "", msg)
   msg = re.sub(r"<[\w.]+ object at 0x[0-9a-f]+>", "", msg)
   msg = msg.replace("\\n", " ").replace("\\'", "'")

@@ -1,7 +1,8 @@
 """Progress line, metrics.jsonl and TensorBoard; only process 0 writes.
 
-On resume, lines of metrics.jsonl past the restored step are dropped (the run replays them), so
-the file always reads as one consistent run.
+On resume, lines of metrics.jsonl past the restored step are dropped (the run replays them), and
+so is a torn line (what a crash in the middle of a write leaves), so the file always reads as
+one consistent run. Non-finite values are written as null and shown as nan, never a crash.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 
 from jmid.config import ModelConfig
 
@@ -40,8 +42,8 @@ def flops_per_token(m: ModelConfig, seq_len: int) -> float:
   return 6.0 * matmul_params + 6.0 * m.n_layers * m.n_heads * m.dh * seq_len
 
 
-def _fmt_time(seconds: float) -> str:
-  if not math.isfinite(seconds):
+def _fmt_time(seconds: float | None) -> str:
+  if seconds is None or not math.isfinite(seconds):
     return "?"
   seconds = int(seconds)
   h, rem = divmod(seconds, 3600)
@@ -66,7 +68,7 @@ class MetricsWriter:
     if not os.path.exists(self.path):
       return
     with open(self.path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+      kept = [line for line in f if _step_of(line) <= step]
     tmp = self.path + ".tmp"
     with open(tmp, "w") as f:
       f.writelines(kept)
@@ -88,14 +90,16 @@ class MetricsWriter:
   def line(self, step: int, r: dict[str, Any], eta_seconds: float) -> str:
     parts = [f"step {step}/{self.total_steps}"]
     if "loss" in r:
-      parts.append(f"loss {r['loss']:.4f}")
+      parts.append(f"loss {_num(r['loss'], '.4f')}")
     if "lr" in r:
-      parts.append(f"lr {r['lr']:.2e}")
+      parts.append(f"lr {_num(r['lr'], '.2e')}")
+    if r.get("skipped_steps"):
+      parts.append(f"skipped {r['skipped_steps']}")
     if r.get("tokens_per_sec"):
       parts.append(f"{r['tokens_per_sec'] / 1e3:,.1f}k tok/s")
     if r.get("mfu") is not None:
       parts.append(f"mfu {100 * r['mfu']:.1f}%")
-    parts += [f"{k} {v:.4f}" for k, v in r.items()  # bits per byte: metrics.jsonl only
+    parts += [f"{k} {_num(v, '.4f')}" for k, v in r.items()  # bits per byte: jsonl only
               if k.startswith("eval/") and not k.endswith("/bpb")]
     parts.append(f"ETA {_fmt_time(eta_seconds)}")
     return " | ".join(parts)
@@ -103,6 +107,19 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _num(v: Any, fmt: str) -> str:
+  """A number for the console; None (a non-finite value in the record) reads as nan."""
+  return format(v, fmt) if isinstance(v, (int, float)) else "nan"
+
+
+def _step_of(line: str) -> float:
+  """The step of a metrics.jsonl line; inf (dropped) for a blank or torn line."""
+  try:
+    return float(json.loads(line).get("step", 0)) if line.strip() else math.inf
+  except (ValueError, AttributeError):
+    return math.inf
 
 
 def _plain(v: Any) -> Any:
@@ -128,3 +145,46 @@ class Stopwatch:
 
 def eprint(*args: Any) -> None:
   print(*args, file=sys.stderr, flush=True)
+
+
+class Evaluator:
+  """Mean loss per target token and bits per byte, per source and over all sources."""
+
+  def __init__(self, eval_step: Any, eval_sets: dict[str, list[dict]],
+               bytes_per_token: dict[str, float]) -> None:
+    self.eval_step, self.eval_sets, self.bytes_per_token = eval_step, eval_sets, bytes_per_token
+
+  def __call__(self, params: dict) -> dict[str, float]:
+    out, total_ce, total_n = {}, 0.0, 0.0
+    for source, batches in self.eval_sets.items():
+      if not batches:
+        continue
+      sums = [self.eval_step(params, b) for b in batches]
+      ce = float(sum(s["ce_sum"] for s in sums))
+      n = float(sum(s["count"] for s in sums))
+      loss = ce / max(n, 1.0)
+      out[f"eval/{source}/loss"] = loss
+      out[f"eval/{source}/bpb"] = loss / math.log(2) / self.bytes_per_token[source]
+      total_ce, total_n = total_ce + ce, total_n + n
+    out["eval/loss"] = total_ce / max(total_n, 1.0)
+    return out
+
+
+class MixCounter:
+  """Realised token share of each source over a log interval (padding not counted)."""
+
+  def __init__(self, names: list[str]) -> None:
+    self.names, self.counts = names, np.zeros(len(names))
+
+  def add(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Counts the batch's rows and returns it without `source` (which stays on the host)."""
+    batch = dict(batch)
+    tokens = (batch["segment_ids"] != 0).sum(axis=1)
+    self.counts += np.bincount(batch.pop("source"), weights=tokens, minlength=len(self.names))
+    return batch
+
+  def shares(self) -> dict[str, float]:
+    total = max(self.counts.sum(), 1.0)
+    out = {f"mix/{n}": float(c / total) for n, c in zip(self.names, self.counts)}
+    self.counts[:] = 0
+    return out

@@ -114,3 +114,8 @@ def bytes_per_device(tree: Any) -> dict[jax.Device, int]:
 def batch_divisor(mesh: Mesh) -> int:
   """How many ways a batch's rows are split: data * fsdp."""
   return int(np.prod([mesh.shape[a] for a in RULES["batch"]]))
+
+
+def to_global(batch: dict[str, np.ndarray], batch_sh: jax.sharding.Sharding) -> dict:
+  """This process's rows -> global arrays sharded over (data, fsdp)."""
+  return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in batch.items()}

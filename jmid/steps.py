@@ -20,6 +20,13 @@ from jmid import sharding
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")  # int32 [B, T] each
+
+
+def abstract_batch(rows: int, seq_len: int, sharding: Any = None) -> Batch:
+  """The batch a step is compiled for, without allocating it."""
+  return {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=sharding)
+          for k in BATCH_KEYS}
 
 
 def init_state(params: dict, tx: optax.GradientTransformation, ema: bool = False) -> State:
@@ -60,6 +67,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   """Builds the pure step; train.py jits it once with explicit shardings and donation.
 
   ema_decay > 0: state["ema"] <- decay * ema + (1 - decay) * new params, after every update.
+  A step whose loss, gradients or update are not all finite changes nothing but the step
+  counter (params, optimizer state and EMA stay as they were) and reports `skipped` = 1: one
+  bad batch costs a step, never the run, and no non-finite value ever enters the state.
   """
   grad_fn = jax.grad(lambda p, b: loss_sums(graphdef, p, b, z_loss), has_aux=True)
 
@@ -80,19 +90,34 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, params)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+    new_state = {"params": new_params, "opt_state": opt_state}
     if ema_decay:
       new_state["ema"] = optax.incremental_update(new_params, state["ema"], 1.0 - ema_decay)
+    grad_norm = optax.tree.norm(grads)
+    finite = (jnp.isfinite(sums["ce_sum"]) & jnp.isfinite(sums["z_sum"])
+              & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates)))
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                             {k: state[k] for k in new_state})
+    new_state["step"] = state["step"] + 1
     metrics = {
         "loss": sums["ce_sum"] / count,
         "z_loss": sums["z_sum"] / count,
-        "grad_norm": optax.tree.norm(grads),
+        "skipped": 1.0 - finite.astype(jnp.float32),
+        "grad_norm": grad_norm,
         "lr": lr_fn(state["step"]),
         "target_tokens": sums["count"],
     }
     return new_state, metrics
 
   return train_step
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """True when every float in `tree` is finite (one reduction per array, on device): checked
+  before every save, so a checkpoint never holds a NaN or an inf."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[dict, Batch], dict[str, jax.Array]]:

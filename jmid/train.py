@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import shutil
-import signal
 import sys
-import time
 from typing import Any
 
+from jmid import cli  # first: it catches Ctrl-C from the first moment (cli.StopFlag)
+
+if __name__ == "__main__":
+  cli.STOP.install()
+
 import jax
-import numpy as np
 import optax
 from absl import flags, logging
 from ml_collections import ConfigDict, config_flags
@@ -26,25 +26,13 @@ from ml_collections import ConfigDict, config_flags
 from jmid import checkpoint as ckpt_lib
 from jmid import config as config_lib
 from jmid import distributed
-from jmid import metrics as metrics_lib
 from jmid import model as model_lib
-from jmid import cli, handoff, optim, sharding, steps
+from jmid import handoff, loop, optim, plan, resume, sharding, steps
+from jmid import workdir as workdir_lib
 from jmid.errors import ConfigError, UserError
 from jmid.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (Python).")
-
-
-class _StopRequest:
-  """Set by SIGTERM/SIGINT; the loop saves at the next step boundary and exits cleanly."""
-
-  def __init__(self) -> None:
-    self.requested = False
-
-  def __call__(self, signum: int, frame: Any) -> None:
-    del frame
-    self.requested = True
-    metrics_lib.eprint(f"jmid: got signal {signum}; saving a checkpoint at the next step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +51,7 @@ class Setup:
   state_from_params: Any  # params -> state at step 0 with a fresh optimizer
   train_step: Any  # (state, batch) -> (state, metrics), state donated
   eval_step: Any  # (params, batch) -> {ce_sum, count}
+  mesh: jax.sharding.Mesh
 
 
 def setup(c: config_lib.Config, mesh: jax.sharding.Mesh) -> Setup:
@@ -91,7 +80,7 @@ def setup(c: config_lib.Config, mesh: jax.sharding.Mesh) -> Setup:
   eval_step = jax.jit(steps.make_eval_step(graphdef), in_shardings=(param_sh, batch_sh))
   return Setup(graphdef, names, tx, lr_fn, param_sh, state_sh, batch_sh,
                ckpt_lib.abstract_with_shardings(abstract_state, state_sh), create, from_params,
-               train_step, eval_step)
+               train_step, eval_step, mesh)
 
 
 def check_runtime(c: config_lib.Config, mesh: jax.sharding.Mesh) -> None:
@@ -112,129 +101,121 @@ def check_runtime(c: config_lib.Config, mesh: jax.sharding.Mesh) -> None:
                       f"{jax.process_count()} processes")
 
 
-def to_global(batch: dict[str, np.ndarray], batch_sh: jax.sharding.Sharding) -> dict:
-  """This process's rows -> global arrays sharded over (data, fsdp)."""
-  return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in batch.items()}
-
-
-class Evaluator:
-  """Mean loss per target token and bits per byte, per source and over all sources."""
-
-  def __init__(self, eval_step: Any, eval_sets: dict[str, list[dict]],
-               bytes_per_token: dict[str, float]) -> None:
-    self.eval_step, self.eval_sets, self.bytes_per_token = eval_step, eval_sets, bytes_per_token
-
-  def __call__(self, params: dict) -> dict[str, float]:
-    out, total_ce, total_n = {}, 0.0, 0.0
-    for source, batches in self.eval_sets.items():
-      if not batches:
-        continue
-      sums = [self.eval_step(params, b) for b in batches]
-      ce = float(sum(s["ce_sum"] for s in sums))
-      n = float(sum(s["count"] for s in sums))
-      loss = ce / max(n, 1.0)
-      out[f"eval/{source}/loss"] = loss
-      out[f"eval/{source}/bpb"] = loss / math.log(2) / self.bytes_per_token[source]
-      total_ce, total_n = total_ce + ce, total_n + n
-    out["eval/loss"] = total_ce / max(total_n, 1.0)
-    return out
-
-
-class MixCounter:
-  """Realised token share of each source over a log interval (padding not counted)."""
-
-  def __init__(self, names: list[str]) -> None:
-    self.names, self.counts = names, np.zeros(len(names))
-
-  def add(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Counts the batch's rows and returns it without `source` (which stays on the host)."""
-    batch = dict(batch)
-    tokens = (batch["segment_ids"] != 0).sum(axis=1)
-    self.counts += np.bincount(batch.pop("source"), weights=tokens, minlength=len(self.names))
-    return batch
-
-  def shares(self) -> dict[str, float]:
-    total = max(self.counts.sum(), 1.0)
-    out = {f"mix/{n}": float(c / total) for n, c in zip(self.names, self.counts)}
-    self.counts[:] = 0
-    return out
-
-
 def train(cfg_dict: ConfigDict, stop_after: int | None = None) -> dict[str, Any]:
   """Runs (or resumes) the configured run; returns the last logged record.
 
-  stop_after: process at most this many steps in this call, then checkpoint and return, exactly
-  as on SIGTERM (for time-sliced jobs, notebooks and resume tests); the schedule is unchanged.
+  stop_after: process at most this many steps in this call, then checkpoint and return (for
+  time-sliced jobs, notebooks and resume tests); the schedule is unchanged. SIGINT/SIGTERM
+  during start-up undoes what the start created; during training it saves at the next step;
+  either way train() then raises errors.Interrupted.
   """
   c = config_lib.from_configdict(cfg_dict)
-  mesh = sharding.make_mesh(c.mesh)
-  check_runtime(c, mesh)
-  main_process = jax.process_index() == 0
-  srcs = pipeline.open_sources(c.data)
-  pipeline.check_vocab(srcs, c.model.vocab_size)
-  fresh = not os.path.exists(c.run.workdir)
-  manager = ckpt_lib.make_manager(c.run.workdir, c.train.keep_checkpoints)
-  latest = manager.latest_step()
-  try:
-    c, origin = _origin(c, manager, latest)
-    su = setup(c, mesh)
-    local_batch = c.train.global_batch // jax.process_count()
-    shard = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-    data_iter = pipeline.train_iterator(c.data, srcs, batch_size=local_batch,
-                                        seed=c.run.seed, **shard)
-    with jax.set_mesh(mesh):
-      state, start, how = _initial_state(c, su, mesh, manager, latest, origin, data_iter)
-  except UserError:
-    manager.close()
-    if fresh and main_process:  # a start that failed leaves no workdir behind
-      _remove_if_no_files(c.run.workdir)
-    raise
-  with jax.set_mesh(mesh):
-    start_lr = float(su.lr_fn(start))
-    if main_process:
-      with open(os.path.join(c.run.workdir, "config.json"), "w") as f:
-        json.dump(config_lib.to_json_dict(c), f, indent=2)
-      n_params = model_lib.count_params(state["params"])
-      print(f"jmid: {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} | "
-            f"{jax.device_count()} {jax.devices()[0].platform} devices | {how} | "
-            f"lr at step {start} {start_lr:.3e}", flush=True)
-    eval_sets = {name: [to_global(b, su.batch_sh) for b in batches]
-                 for name, batches in pipeline.eval_batches(
-                     c.data, srcs, batch_size=local_batch, n_batches=c.train.eval_batches,
-                     seed=c.run.seed, **shard).items()}
-    evaluator = Evaluator(su.eval_step, eval_sets, pipeline.bytes_per_token(c.data, srcs,
-                                                                            c.run.seed))
-    baseline = pipeline.unigram_loss(c.data, srcs, c.run.seed, c.model.vocab_size)
-    lineage = origin if isinstance(origin, list) else (
-        handoff.lineage(origin, c.init.load) if origin else [])
-    first = {"init": how, "init/lr": start_lr}
-    last = _loop(c, su, manager, state, data_iter, evaluator, srcs.names, start, baseline,
-                 main_process, stop_after, lineage, first)
-  if main_process and "eval/loss" in last:
-    print(f"jmid: done at step {last['step']}: eval loss {last['eval/loss']:.4f} "
-          f"(unigram baseline {baseline:.4f}) | workdir {c.run.workdir}", flush=True)
+  with cli.STOP.installed() as stop:
+    run = _start(c, stop)
+    try:
+      with jax.set_mesh(run.su.mesh):
+        last = loop.train_loop(run, stop, stop_after)
+    finally:
+      if run.lock:
+        run.lock.release()
+    stop.check(f"checkpoint saved at step {last['step']}; run the same command to resume")
   return last
 
 
+def _claim(c: config_lib.Config) -> tuple[workdir_lib.Claim, workdir_lib.Lock, str]:
+  """Process 0 takes the workdir: refuses a folder that is not a run, and a busy one."""
+  workdir_lib.check_is_run(c.run.workdir)
+  claim = workdir_lib.Claim(c.run.workdir)
+  os.makedirs(c.run.workdir, exist_ok=True)
+  lock, note = workdir_lib.acquire(c.run.workdir)
+  claim.snapshot()
+  return claim, lock, note
+
+
+def _start(c: config_lib.Config, signals: cli.StopFlag) -> loop.Started:
+  """Everything before the first step, in phases; a failure or a signal in any of them
+  removes what this start created (the workdir itself, if it made it) and nothing else."""
+  mesh = sharding.make_mesh(c.mesh)
+  check_runtime(c, mesh)
+  main_process = jax.process_index() == 0
+  claim, lock, lock_note = _claim(c) if main_process else (None, None, "")
+  manager = None
+  try:
+    signals.check()
+    srcs = pipeline.open_sources(c.data)
+    pipeline.check_vocab(srcs, c.model.vocab_size)
+    signals.check()
+    ckpt_dir = os.path.join(c.run.workdir, "checkpoints")
+    rolled = resume.rollback(ckpt_dir, c.train.resume_step) \
+        if c.train.resume_step >= 0 and main_process else ""
+    distributed.barrier("jmid-rollback")
+    manager = ckpt_lib.make_manager(c.run.workdir, c.train.keep_checkpoints)
+    latest = manager.latest_step()
+    c, origin, changed = _origin(c, manager, latest)
+    su = setup(c, mesh)
+    compiled = plan.compile_train_step(c, su.train_step, su.abstract_state, su.batch_sh)
+    plan.check_fits(c, compiled, mesh.devices.flat[0])
+    su = dataclasses.replace(su, train_step=compiled)
+    signals.check()
+    local_batch = c.train.global_batch // jax.process_count()
+    data_iter = pipeline.train_iterator(c.data, srcs, batch_size=local_batch, seed=c.run.seed,
+                                        **distributed.process_shard())
+    with jax.set_mesh(mesh):
+      state, start, how = _initial_state(c, su, mesh, manager, latest, origin, data_iter)
+    signals.check()
+    start_lr = float(su.lr_fn(start))
+    notes = [n for n in (lock_note, rolled, changed) if n]
+    if main_process:
+      _write_json_atomic(os.path.join(c.run.workdir, "config.json"), config_lib.to_json_dict(c))
+      n_params = model_lib.count_params(state["params"])
+      print(f"jmid: {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} | "
+            f"{jax.device_count()} {jax.devices()[0].platform} devices | {how} | "
+            f"lr at step {start} {start_lr:.3e}" + "".join(f" | {n}" for n in notes), flush=True)
+  except BaseException:
+    if manager is not None:
+      manager.close()
+    if lock is not None:
+      lock.release()
+    if claim is not None:
+      claim.undo()
+    raise
+  lineage = origin if isinstance(origin, list) else (
+      handoff.lineage(origin, c.init.load) if origin else [])
+  first = {"init": how, "init/lr": start_lr, **({"init/notes": notes} if notes else {})}
+  return loop.Started(c, su, manager, state, start, data_iter, srcs, lineage, first, lock)
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+  """Written under a temporary name and renamed: a crash never leaves a torn config.json."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
 def _origin(c: config_lib.Config, manager: Any, latest: int | None
-            ) -> tuple[config_lib.Config, handoff.Source | list | None]:
-  """Where this run starts, and the config with the lr it resolves to.
+            ) -> tuple[config_lib.Config, handoff.Source | list | None, str]:
+  """Where this run starts, the config with the lr it resolves to, and a note on what changed.
 
   On resume: this run's lineage from its own checkpoint, and (with optim.lr_from_checkpoint)
-  the lr the first start resolved, so a restart never changes the schedule. On a first start
-  from init.from_path: the source checkpoint. Otherwise None.
+  the lr the first start resolved, so a restart never changes the schedule; every config key
+  that differs from the checkpoint's is named, and changes that break an exact resume are
+  refused unless allowed. On a first start from init.from_path: the source checkpoint.
   """
   if latest is not None:
-    meta = ckpt_lib.read_meta(os.path.join(str(manager.directory), str(latest)))
+    step_dir = os.path.join(str(manager.directory), str(latest))
+    meta = ckpt_lib.read_meta(step_dir)
     if c.optim.lr_from_checkpoint:
       c = _with_lr(c, meta.get("config", {}).get("optim", {}).get("lr"), manager.directory)
-    return c, list(meta.get("lineage", []))
+    changes = resume.config_changes(meta.get("config", {}), config_lib.to_json_dict(c))
+    note = resume.check_changes(changes, c.train.allow_resume_changes, step_dir)
+    return c, list(meta.get("lineage", [])), note
   if not c.init.from_path:
-    return c, None
+    return c, None, ""
   source = handoff.find(c.init.from_path)
   if c.optim.lr_from_checkpoint:
     c = _with_lr(c, source.lr, source.step_dir)
-  return c, source
+  return c, source, ""
 
 
 def _initial_state(c: config_lib.Config, su: Setup, mesh: jax.sharding.Mesh, manager: Any,
@@ -251,84 +232,11 @@ def _initial_state(c: config_lib.Config, su: Setup, mesh: jax.sharding.Mesh, man
   return su.create_state(), 0, "random init"
 
 
-def _remove_if_no_files(path: str) -> None:
-  """Removes a folder tree made only of empty folders (what a failed first start created)."""
-  if all(not files for _, _, files in os.walk(path)):
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def _with_lr(c: config_lib.Config, lr: float | None, where: Any) -> config_lib.Config:
   if lr is None:
     raise UserError(f"optim.lr_from_checkpoint: {where} has no stored lr; set optim.lr and "
                     "optim.lr_from_checkpoint=False")
   return dataclasses.replace(c, optim=dataclasses.replace(c.optim, lr=float(lr)))
-
-
-def _loop(c: config_lib.Config, su: Setup, manager: Any, state: dict, data_iter: Any,
-          evaluator: Evaluator, names: list[str], start: int, baseline: float,
-          main_process: bool, stop_after: int | None, lineage: list[dict[str, Any]],
-          first: dict[str, Any]) -> dict[str, Any]:
-  """The training loop; only log steps synchronise with the device.
-
-  `first` (how the run started, the lr at its first step) goes into the first record logged.
-  """
-  writer = metrics_lib.MetricsWriter(c.run.workdir, c.train.steps, start, main_process)
-  stop = _StopRequest()
-  old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-  tokens_per_step = c.train.global_batch * c.data.seq_len
-  flops = metrics_lib.flops_per_token(c.model, c.data.seq_len)
-  peak = metrics_lib.peak_flops(jax.devices()[0])
-  watch, since_log, last = metrics_lib.Stopwatch(), 0, {"step": start}
-  mix = MixCounter(names)
-
-  def meta(step: int) -> dict[str, Any]:
-    return {"step": step, "tokens": step * tokens_per_step, "lr": float(su.lr_fn(step)),
-            "model": dataclasses.asdict(c.model), "config": config_lib.to_json_dict(c),
-            "lineage": lineage, "ema": c.train.ema_decay > 0}
-
-  step = start
-  end = c.train.steps if stop_after is None else min(c.train.steps, start + stop_after)
-  try:
-    while step < end and not stop.requested:
-      state, m = su.train_step(state, to_global(mix.add(next(data_iter)), su.batch_sh))
-      step += 1
-      since_log += 1
-      if step == start + 1:  # the first step carries compilation: keep it out of tok/s
-        jax.block_until_ready(m)
-        watch.reset()
-        since_log = 0
-      eval_now = step == c.train.steps or bool(
-          c.train.eval_every_steps and step % c.train.eval_every_steps == 0)
-      if eval_now or step % c.train.log_every_steps == 0:
-        record = {k: float(v) for k, v in jax.device_get(m).items()}
-        dt = watch.elapsed()
-        tps = since_log * tokens_per_step / dt if since_log else None
-        record.update(tokens=step * tokens_per_step, tokens_per_sec=tps,
-                      mfu=tps * flops / (peak * jax.device_count()) if peak and tps else None,
-                      **mix.shares())
-        record.update(first)
-        first = {}
-        if eval_now:
-          t0 = time.perf_counter()
-          record.update(evaluator(state["params"]))
-          record["eval/unigram_baseline"] = baseline
-          watch.paused += time.perf_counter() - t0
-        eta = (c.train.steps - step) * dt / since_log if since_log else float("nan")
-        writer.write(step, record, eta_seconds=eta)
-        last = {"step": step, **record}
-        watch.reset()
-        since_log = 0
-      if step % c.train.checkpoint_every_steps == 0 and step < c.train.steps:
-        ckpt_lib.save(manager, step, state, data_iter, meta(step))
-    if manager.latest_step() != step:
-      ckpt_lib.save(manager, step, state, data_iter, meta(step))
-    manager.wait_until_finished()
-  finally:
-    for s, h in old_handlers.items():
-      signal.signal(s, h)
-    writer.close()
-    manager.close()
-  return {**last, "step": step}
 
 
 def parse_config(argv: list[str]) -> ConfigDict:
@@ -346,7 +254,10 @@ def parse_config(argv: list[str]) -> ConfigDict:
   except ConfigError:
     raise
   except (AttributeError, KeyError) as e:
-    raise ConfigError(f"an override names a config key that does not exist: {e}; "
+    what = str(e.args[0] if e.args else e).strip("'\" ")
+    keys = [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
+    what = next((k for k in keys if k.split(".")[-1] == what), what)
+    raise ConfigError(f"an override names a config key that does not exist: {what}; "
                       "configs/base.py lists every key") from None
   except Exception as e:  # a bad flag value, a missing config file, or one that raised
     lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]

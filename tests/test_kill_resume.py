@@ -82,7 +82,8 @@ def test_sigkill_then_same_command_matches_uninterrupted(tmp_path, straight):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_preemption_signal_saves_at_the_next_step_and_exits_0(tmp_path, straight, signum):
+def test_preemption_signal_saves_at_the_next_step_and_exits_128_plus_signal(tmp_path, straight,
+                                                                           signum):
   cache, expected = straight
   stopped = str(tmp_path / "stopped")
   metrics = os.path.join(stopped, "metrics.jsonl")
@@ -90,7 +91,10 @@ def test_preemption_signal_saves_at_the_next_step_and_exits_0(tmp_path, straight
                          len(open(metrics).readlines()) >= 7)
   proc.send_signal(signum)
   _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-2000:]
+  assert proc.returncode == 128 + signum, err[-2000:]  # a scheduler must not see "done"
+  assert "Traceback" not in err
+  assert err.strip().splitlines()[-1].startswith(f"jmid: stopped by {signum.name}; checkpoint "
+                                                 "saved at step")
   last = max(_losses(stopped))
   assert last < STEPS
   assert os.path.isdir(os.path.join(stopped, "checkpoints", str(last)))  # saved where it stopped

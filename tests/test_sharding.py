@@ -45,7 +45,7 @@ def _losses(c: config_lib.Config, devices, n_steps: int = 3) -> list[float]:
     state = su.create_state()
     out = []
     for i in range(n_steps):
-      batch = train.to_global(synthetic_batch(c.train.global_batch, c.data.seq_len,
+      batch = sharding.to_global(synthetic_batch(c.train.global_batch, c.data.seq_len,
                                               c.model.vocab_size, seed=i), su.batch_sh)
       state, m = su.train_step(state, batch)
       out.append(float(m["loss"]))

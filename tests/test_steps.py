@@ -23,7 +23,7 @@ def _run(microbatches: int, steps: int, same_batch: bool) -> list[float]:
     losses = []
     for i in range(steps):
       b = synthetic_batch(8, 16, 64, seed=0 if same_batch else i)
-      state, m = su.train_step(state, train.to_global(b, su.batch_sh))
+      state, m = su.train_step(state, sharding.to_global(b, su.batch_sh))
       losses.append(float(m["loss"]))
   return losses
 
@@ -52,7 +52,7 @@ def test_ema_follows_the_params_with_its_decay():
     p0 = jax.tree.map(np.asarray, state["params"])
     np.testing.assert_array_equal(jax.tree.leaves(state["ema"])[0], jax.tree.leaves(p0)[0])
     for i in range(2):
-      state, _ = su.train_step(state, train.to_global(synthetic_batch(8, 16, 64, seed=i),
+      state, _ = su.train_step(state, sharding.to_global(synthetic_batch(8, 16, 64, seed=i),
                                                       su.batch_sh))
       if i == 0:
         p1 = jax.tree.map(np.asarray, state["params"])

@@ -1,0 +1,194 @@
+"""The training loop: steps, logging, evals, skipped non-finite steps, guarded saves.
+
+train.py starts a run (workdir, mesh, compiled step, initial state) and hands it here as a
+`Started`; only log and save steps synchronise with the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+
+from jmid import checkpoint as ckpt_lib
+from jmid import cli
+from jmid import config as config_lib
+from jmid import metrics as metrics_lib
+from jmid import distributed, resume, sharding, steps
+from jmid import workdir as workdir_lib
+from jmid.data import pipeline
+from jmid.errors import UserError, first_line, os_problem
+
+
+@dataclasses.dataclass
+class Started:
+  """A run after start-up: everything the loop needs, and the workdir it holds."""
+
+  c: config_lib.Config
+  su: Any  # train.Setup, with the step compiled ahead of time
+  manager: Any
+  state: Any
+  start: int
+  data_iter: Any
+  srcs: Any
+  lineage: list[dict[str, Any]]
+  first: dict[str, Any]  # goes into the first metrics record: how the run started
+  lock: workdir_lib.Lock | None
+
+
+class _SkipWatch:
+  """Counts non-finite (skipped) steps from the step metrics, fetched in batches so the loop
+  syncs with the device no more often than it logs; stops the run after too many in a row."""
+
+  def __init__(self, max_in_a_row: int, ckpt_dir: str) -> None:
+    self.max, self.ckpt_dir = max_in_a_row, ckpt_dir
+    self.pending: list[tuple[int, Any, Any]] = []
+    self.in_a_row, self.interval = 0, 0
+    self.last_finite: tuple[int, float] | None = None
+
+  def add(self, step: int, m: dict[str, Any]) -> None:
+    self.pending.append((step, m["skipped"], m["loss"]))
+
+  def check(self) -> None:
+    for step, skipped, loss in jax.device_get(self.pending):
+      if skipped:
+        self.in_a_row += 1
+        self.interval += 1
+      else:
+        self.in_a_row, self.last_finite = 0, (step, float(loss))
+      if self.in_a_row >= self.max:
+        self._stop(step)
+    self.pending = []
+
+  def take_interval(self) -> int:
+    n, self.interval = self.interval, 0
+    return n
+
+  def _stop(self, step: int) -> None:
+    last = (f"the last finite loss was {self.last_finite[1]:.4f} at step {self.last_finite[0]}"
+            if self.last_finite else "no step of this run was finite")
+    have = resume.checkpoint_steps(self.ckpt_dir)
+    raise UserError(
+        f"{self.in_a_row} steps in a row up to step {step} had a non-finite loss or gradient "
+        f"and were skipped (params unchanged); {last}. Lower optim.lr (or raise "
+        "optim.warmup_steps), or resume from an earlier checkpoint with "
+        f"--config.train.resume_step=N (checkpoints: {', '.join(map(str, have)) or 'none'})")
+
+
+def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> dict[str, Any]:
+  """The training loop; only log and save steps synchronise with the device.
+
+  A save is refused if the state holds a non-finite value, and a save that fails (full disk,
+  lost permission) stops the run: it never trains on past a checkpoint it could not write.
+  """
+  c, su, manager, data_iter = run.c, run.su, run.manager, run.data_iter
+  main_process = jax.process_index() == 0
+  local_batch = c.train.global_batch // jax.process_count()
+  eval_sets = {name: [sharding.to_global(b, su.batch_sh) for b in batches]
+               for name, batches in pipeline.eval_batches(
+                   c.data, run.srcs, batch_size=local_batch, n_batches=c.train.eval_batches,
+                   seed=c.run.seed, **distributed.process_shard()).items()}
+  evaluator = metrics_lib.Evaluator(su.eval_step, eval_sets,
+                                    pipeline.bytes_per_token(c.data, run.srcs, c.run.seed))
+  baseline = pipeline.unigram_loss(c.data, run.srcs, c.run.seed, c.model.vocab_size)
+  writer = metrics_lib.MetricsWriter(c.run.workdir, c.train.steps, run.start, main_process)
+  tokens_per_step = c.train.global_batch * c.data.seq_len
+  flops = metrics_lib.flops_per_token(c.model, c.data.seq_len)
+  peak = metrics_lib.peak_flops(jax.devices()[0])
+  watch, since_log, last = metrics_lib.Stopwatch(), 0, {"step": run.start}
+  mix = metrics_lib.MixCounter(run.srcs.names)
+  skips = _SkipWatch(c.train.max_skipped_steps, str(manager.directory))
+  check_every = min(c.train.log_every_steps, c.train.max_skipped_steps)
+  finite = jax.jit(steps.all_finite)
+  first = run.first
+
+  def save(step: int, state: Any) -> None:
+    skips.check()
+    if not bool(finite(state)):
+      raise UserError(f"the train state holds a non-finite value at step {step}; it was not "
+                      "saved. Resume from an earlier checkpoint (train.resume_step)")
+    meta = {"step": step, "tokens": step * tokens_per_step, "lr": float(su.lr_fn(step)),
+            "model": dataclasses.asdict(c.model), "config": config_lib.to_json_dict(c),
+            "lineage": run.lineage, "ema": c.train.ema_decay > 0}
+    try:
+      manager.check_for_errors()  # the previous async save
+      ckpt_lib.save(manager, step, run.state, data_iter, meta)
+    except UserError:
+      raise
+    except Exception as e:
+      raise _save_failed(e, manager, step) from None
+
+  step = run.start
+  end = c.train.steps if stop_after is None else min(c.train.steps, run.start + stop_after)
+  try:
+    while step < end and not signals.signum:
+      run.state, m = su.train_step(run.state, sharding.to_global(mix.add(next(data_iter)), su.batch_sh))
+      step += 1
+      since_log += 1
+      skips.add(step, m)
+      if step == run.start + 1:  # the first step carries compilation: keep it out of tok/s
+        jax.block_until_ready(m)
+        watch.reset()
+        since_log = 0
+      if step % check_every == 0:
+        skips.check()
+      eval_now = step == c.train.steps or bool(
+          c.train.eval_every_steps and step % c.train.eval_every_steps == 0)
+      if eval_now or step % c.train.log_every_steps == 0:
+        skips.check()
+        if run.lock:
+          run.lock.check()
+        record = {k: float(v) for k, v in jax.device_get(m).items() if k != "skipped"}
+        dt = watch.elapsed()
+        tps = since_log * tokens_per_step / dt if since_log else None
+        record.update(tokens=step * tokens_per_step, tokens_per_sec=tps,
+                      mfu=tps * flops / (peak * jax.device_count()) if peak and tps else None,
+                      skipped_steps=skips.take_interval(), **mix.shares())
+        record.update(first)
+        first = {}
+        if eval_now:
+          t0 = time.perf_counter()
+          record.update(evaluator(run.state["params"]))
+          record["eval/unigram_baseline"] = baseline
+          watch.paused += time.perf_counter() - t0
+        eta = (c.train.steps - step) * dt / since_log if since_log else float("nan")
+        writer.write(step, record, eta_seconds=eta)
+        last = {"step": step, **record}
+        watch.reset()
+        since_log = 0
+      if step % c.train.checkpoint_every_steps == 0 and step < c.train.steps:
+        save(step, run.state)
+    if manager.latest_step() != step:
+      save(step, run.state)
+    try:
+      manager.wait_until_finished()
+      manager.check_for_errors()
+    except Exception as e:
+      raise _save_failed(e, manager, step) from None
+  finally:
+    writer.close()
+    _close_quietly(manager)
+  if main_process and "eval/loss" in last and not signals.signum:
+    print(f"jmid: done at step {last['step']}: eval loss {last['eval/loss']:.4f} "
+          f"(unigram baseline {baseline:.4f}) | workdir {c.run.workdir}", flush=True)
+  return {**last, "step": step}
+
+
+def _save_failed(e: BaseException, manager: Any, step: int) -> UserError:
+  """A failed save as one line: where, why, and the checkpoint a resume will start from."""
+  where = str(manager.directory)
+  cause = os_problem(e, where) or f"{where}: {first_line(e)}"
+  good = [s for s in resume.checkpoint_steps(where) if s < step]
+  back = f"step {good[-1]} is the last good checkpoint" if good else "no checkpoint was kept"
+  return UserError(f"saving the checkpoint of step {step} failed ({cause}); the run stopped "
+                   f"there and {back}: fix that and run the same command to resume")
+
+
+def _close_quietly(manager: Any) -> None:
+  """Closes the manager; a save error it re-raises was already reported (or is the reason)."""
+  try:
+    manager.close()
+  except Exception:
+    pass
