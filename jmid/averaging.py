@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import numpy as np
 
 from jmid import checkpoint as ckpt_lib
@@ -26,15 +25,12 @@ def _put(tree: dict[str, Any], parts: list[str], value: Any) -> None:
 
 
 def read_leaf(step_dir: str, key: str, shape: tuple[int, ...]) -> np.ndarray:
-  """One array of state/ (named like 'params.blocks.wq'), restored alone onto the CPU."""
-  target: dict[str, Any] = {}
-  parts = key.split(".")
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-  _put(target, parts, jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding))
-  out = ckpt_lib.restore_tree(step_dir, target)
-  for p in parts:
-    out = out[p]
-  return np.array(out, dtype=np.float32)  # a writable copy: it becomes the running sum
+  """One array of state/ (named like 'params.blocks.wq', of `shape`), restored alone onto the
+  CPU in its saved dtype, checked against its fingerprint, then as a float32 copy."""
+  leaf = ckpt_lib.read_array(step_dir, key)
+  if tuple(leaf.shape) != tuple(shape):
+    raise UserError(f"checkpoint {step_dir}: {key} is {tuple(leaf.shape)}, not {tuple(shape)}")
+  return np.array(leaf, dtype=np.float32)  # a writable copy: it becomes the running sum
 
 
 def average(paths: list[str], out_dir: str, key: str = "params") -> dict[str, Any]:

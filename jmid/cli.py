@@ -12,6 +12,8 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import signal
 import sys
 import threading
@@ -59,6 +61,21 @@ class StopFlag:
 
 
 STOP = StopFlag()
+
+
+class _DropOrbaxErrors(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    orbax = f"{os.sep}orbax{os.sep}"
+    return not (record.levelno >= logging.ERROR and (
+        orbax in record.pathname or orbax in str(record.msg) or orbax in str(record.args)))
+
+
+def quiet_library_errors() -> None:
+  """Orbax logs each failure of its background save threads with a traceback (hundreds of
+  lines on a full disk) and then raises the same error to the caller, which reports it as one
+  line; the CLI keeps only that line (asyncio repeats them at exit for its tasks)."""
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).addFilter(_DropOrbaxErrors())
 
 
 def error(message: str) -> None:

@@ -33,8 +33,9 @@ DEMO_SOURCES = ("code", "math", "text", "chat")
 RESUME_BREAKING = ("data.seq_len", "train.global_batch", "data.sources", "data.demo",
                    "data.tokenizer", "data.packing", "data.shuffle", "data.eval_fraction",
                    "run.seed")
-# Keys that only steer how a run starts; they may differ from the checkpoint's without a word.
-RESUME_CONTROLS = ("train.resume_step", "train.allow_resume_changes")
+# Keys that may differ from the checkpoint's without a word: start-up controls, and where the run
+# lives (a run folder may be moved or copied).
+RESUME_SILENT = ("train.resume_step", "train.allow_resume_changes", "run.workdir")
 MAX_SEQ_LEN = 1 << 22  # 4M tokens per row: beyond any model's context; catches typos like 1e9
 
 

@@ -112,13 +112,20 @@ def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> d
     meta = {"step": step, "tokens": step * tokens_per_step, "lr": float(su.lr_fn(step)),
             "model": dataclasses.asdict(c.model), "config": config_lib.to_json_dict(c),
             "lineage": run.lineage, "ema": c.train.ema_decay > 0}
+    check_saves()
     try:
-      manager.check_for_errors()  # the previous async save
       ckpt_lib.save(manager, step, run.state, data_iter, meta)
     except UserError:
       raise
     except Exception as e:
-      raise _save_failed(e, manager, step) from None
+      raise _save_failed(e, manager) from None
+
+  def check_saves() -> None:
+    """Raises if an async save failed: the run stops instead of training on past it."""
+    try:
+      manager.check_for_errors()
+    except Exception as e:
+      raise _save_failed(e, manager) from None
 
   step = run.start
   end = c.train.steps if stop_after is None else min(c.train.steps, run.start + stop_after)
@@ -138,6 +145,7 @@ def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> d
           c.train.eval_every_steps and step % c.train.eval_every_steps == 0)
       if eval_now or step % c.train.log_every_steps == 0:
         skips.check()
+        check_saves()
         if run.lock:
           run.lock.check()
         record = {k: float(v) for k, v in jax.device_get(m).items() if k != "skipped"}
@@ -164,9 +172,9 @@ def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> d
       save(step, run.state)
     try:
       manager.wait_until_finished()
-      manager.check_for_errors()
     except Exception as e:
-      raise _save_failed(e, manager, step) from None
+      raise _save_failed(e, manager) from None
+    check_saves()
   finally:
     writer.close()
     _close_quietly(manager)
@@ -176,14 +184,14 @@ def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> d
   return {**last, "step": step}
 
 
-def _save_failed(e: BaseException, manager: Any, step: int) -> UserError:
+def _save_failed(e: BaseException, manager: Any) -> UserError:
   """A failed save as one line: where, why, and the checkpoint a resume will start from."""
   where = str(manager.directory)
   cause = os_problem(e, where) or f"{where}: {first_line(e)}"
-  good = [s for s in resume.checkpoint_steps(where) if s < step]
+  good = resume.checkpoint_steps(where)
   back = f"step {good[-1]} is the last good checkpoint" if good else "no checkpoint was kept"
-  return UserError(f"saving the checkpoint of step {step} failed ({cause}); the run stopped "
-                   f"there and {back}: fix that and run the same command to resume")
+  return UserError(f"saving a checkpoint failed ({cause}); the run stopped and {back}: fix "
+                   "that and run the same command to resume")
 
 
 def _close_quietly(manager: Any) -> None:

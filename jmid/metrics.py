@@ -79,8 +79,11 @@ class MetricsWriter:
     if not self.enabled:
       return
     record = {"step": step, **{k: _plain(v) for k, v in record.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    except OSError as e:  # name the file: a full disk's error carries no path
+      raise OSError(e.errno, e.strerror, self.path) from None
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)) and value is not None:
         self._tb.add_scalar(key, value, step)

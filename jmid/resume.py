@@ -13,7 +13,7 @@ import os
 import time
 from typing import Any
 
-from jmid.config import RESUME_BREAKING, RESUME_CONTROLS
+from jmid.config import RESUME_BREAKING, RESUME_SILENT
 from jmid.errors import UserError
 
 ROLLED_BACK = "rolled-back"  # checkpoints/rolled-back-<time>/<step>: not a step Orbax lists
@@ -31,11 +31,12 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
   """'key: old -> new' for every leaf key that differs (JSON-normalised, so tuples and lists of
-  the same values are equal), sorted; the start-up controls themselves are left out."""
+  the same values are equal), sorted; config.RESUME_SILENT keys are left out, and so are keys
+  the checkpoint's config lacks (added by a newer jmid, not changed by the user)."""
   old = _flatten(json.loads(json.dumps(saved)))
   new = _flatten(json.loads(json.dumps(current)))
-  keys = sorted(k for k in set(old) | set(new) if old.get(k, "?") != new.get(k, "?")
-                and not k.startswith(RESUME_CONTROLS))
+  keys = sorted(k for k in old if old[k] != new.get(k, "(absent)")
+                and not k.startswith(RESUME_SILENT))
   return [f"{k}: {_short(old.get(k, '(absent)'))} -> {_short(new.get(k, '(absent)'))}"
           for k in keys]
 
@@ -98,11 +99,18 @@ def rollback(ckpt_dir: str, step: int) -> str:
   newer = [s for s in have if s > step]
   if not newer:
     return ""
-  aside = os.path.join(ckpt_dir, f"{ROLLED_BACK}-{time.strftime('%Y%m%d-%H%M%S')}")
-  os.makedirs(aside)
-  with open(os.path.join(aside, MARKER), "w") as f:
-    json.dump({"to": step, "moved": newer, "time": time.time()}, f)
-  for s in newer:
-    os.rename(os.path.join(ckpt_dir, str(s)), os.path.join(aside, str(s)))
+  aside = set_aside(ckpt_dir, newer, ROLLED_BACK, {"to": step})
   return (f"rolled back to step {step}: checkpoints {', '.join(map(str, newer))} moved to "
           f"{aside}")
+
+
+def set_aside(ckpt_dir: str, steps: list[int], label: str, why: dict[str, Any]) -> str:
+  """Moves step folders into checkpoints/<label>-<time>/ (Orbax no longer lists them, nor
+  deletes them, nor refuses to save a step of the same number) with a note of why."""
+  aside = os.path.join(ckpt_dir, f"{label}-{time.strftime('%Y%m%d-%H%M%S')}")
+  os.makedirs(aside, exist_ok=True)
+  with open(os.path.join(aside, MARKER if label == ROLLED_BACK else "WHY.json"), "w") as f:
+    json.dump({**why, "moved": steps, "time": time.time()}, f)
+  for s in steps:
+    os.rename(os.path.join(ckpt_dir, str(s)), os.path.join(aside, str(s)))
+  return aside

@@ -203,8 +203,7 @@ def _origin(c: config_lib.Config, manager: Any, latest: int | None
   refused unless allowed. On a first start from init.from_path: the source checkpoint.
   """
   if latest is not None:
-    step_dir = os.path.join(str(manager.directory), str(latest))
-    meta = ckpt_lib.read_meta(step_dir)
+    step_dir, meta = _newest_meta(manager)
     if c.optim.lr_from_checkpoint:
       c = _with_lr(c, meta.get("config", {}).get("optim", {}).get("lr"), manager.directory)
     changes = resume.config_changes(meta.get("config", {}), config_lib.to_json_dict(c))
@@ -218,12 +217,33 @@ def _origin(c: config_lib.Config, manager: Any, latest: int | None
   return c, source, ""
 
 
+def _newest_meta(manager: Any) -> tuple[str, dict[str, Any]]:
+  """The newest readable checkpoint meta (config, lineage and lr are the same for every step of
+  a run; a damaged newest step is dealt with when the state is restored)."""
+  err = None
+  for step in sorted(manager.all_steps(), reverse=True):
+    step_dir = os.path.join(str(manager.directory), str(step))
+    try:
+      return step_dir, ckpt_lib.read_meta(step_dir)
+    except ckpt_lib.DamagedCheckpoint as e:
+      err = e
+  raise err or UserError(f"{manager.directory}: no checkpoint has a readable meta")
+
+
 def _initial_state(c: config_lib.Config, su: Setup, mesh: jax.sharding.Mesh, manager: Any,
                    latest: int | None, origin: Any, data_iter: Any) -> tuple[Any, int, str]:
   """(state, start step, how it started): resume, init.from_path, or random init."""
   if latest is not None:
-    state, _ = ckpt_lib.restore(manager, latest, su.abstract_state, data_iter)
-    return state, latest, f"resumed from {manager.directory}/{latest}"
+    state, _, step, notes = ckpt_lib.restore_latest_intact(manager, su.abstract_state, data_iter)
+    if step != latest:  # damaged newer steps: kept for inspection, out of Orbax's way
+      damaged = [s for s in manager.all_steps() if s > step]
+      aside = os.path.join(str(manager.directory), "damaged-*")
+      if jax.process_index() == 0:
+        aside = resume.set_aside(str(manager.directory), damaged, "damaged", {"resumed": step})
+      distributed.barrier("jmid-damaged")
+      manager.reload()
+      notes.append(f"damaged checkpoints {', '.join(map(str, damaged))} moved to {aside}")
+    return state, step, "; ".join([f"resumed from {manager.directory}/{step}", *notes])
   if isinstance(origin, handoff.Source):
     state = handoff.load_state(origin, c.init.load, mesh, su.abstract_state, su.param_names,
                                su.tx, su.state_from_params, c.model)
@@ -272,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
   cfg = parse_config([sys.argv[0], *argv])
   logging.set_verbosity(logging.WARNING)
+  cli.quiet_library_errors()
   distributed.initialize()
   train(cfg)
   return 0

@@ -68,10 +68,9 @@ def small_fs(path: pathlib.Path, size_kb: int, readonly: bool = False) -> Iterat
 
 def fill(path: pathlib.Path) -> None:
   """Fills the filesystem holding `path` to the last byte."""
-  with open(path / "filler", "wb") as f:
+  with open(path / "filler", "wb", buffering=0) as f:
     try:
       while True:
         f.write(b"\0" * 4096)
-        f.flush()
     except OSError:
       pass
