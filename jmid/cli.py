@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -64,10 +65,21 @@ STOP = StopFlag()
 
 
 class _DropOrbaxErrors(logging.Filter):
+  """Drops ERROR records that come from orbax: logged in its files, naming its files, or
+  carrying an exception raised in them (asyncio's "exception was never retrieved" at exit)."""
+
   def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+      return True
     orbax = f"{os.sep}orbax{os.sep}"
-    return not (record.levelno >= logging.ERROR and (
-        orbax in record.pathname or orbax in str(record.msg) or orbax in str(record.args)))
+    files = [record.pathname, str(record.msg), str(record.args)]
+    exc = record.exc_info[1] if record.exc_info else None
+    for _ in range(8):  # the exception and what caused it (a chain can loop)
+      if exc is None:
+        break
+      files += [frame.filename for frame in traceback.extract_tb(exc.__traceback__)]
+      exc = exc.__cause__ or exc.__context__
+    return not any(orbax in f for f in files)
 
 
 def quiet_library_errors() -> None:

@@ -6,7 +6,8 @@ generation_config.json, safetensors (sharded with an index above --shard-mb) and
 tokenizer.json when it has one. It needs only the checkpoint (its meta holds the model spec and
 the config), runs on CPU, and streams: one params array at a time is read, split into per-layer
 tensors and written, so memory is about one array plus one shard. The folder is written under
-a temporary name and renamed at the end.
+a temporary name and renamed at the end; a failure or an interrupt (Ctrl-C, SIGTERM) removes
+that temporary folder, so --out is either complete or absent.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import numpy as np
 
 from jmid import averaging, cli, hf
 from jmid import checkpoint as ckpt_lib
+from jmid.data import atomic
 from jmid.errors import UserError
 from jmid.safetensors_io import write_folder
 
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+_NOTHING_WRITTEN = "nothing was written (--out does not exist)"
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
@@ -93,6 +96,7 @@ def _hf_tensors(leaves: Iterator[tuple[str, np.ndarray]],
                 dtype: Any) -> Iterator[tuple[str, np.ndarray]]:
   """(jmid params key like 'blocks.wq', array) -> (HF name, array) per layer."""
   for key, a in leaves:
+    cli.STOP.check(_NOTHING_WRITTEN)  # Ctrl-C / SIGTERM: stop between arrays, clean up
     parts = key.split(".")
     if parts[0] == "blocks":
       local = ".".join(parts[1:])
@@ -111,36 +115,60 @@ def _checkpoint_leaves(step_dir: str) -> Iterator[tuple[str, np.ndarray]]:
 
 def write_hf(out: str, meta: dict[str, Any], leaves: Iterator[tuple[str, np.ndarray]],
              dtype: str = "float32", shard_mb: float = 5000.0) -> list[str]:
-  """The HF folder `out` (written as out.tmp, then renamed) from a meta and params arrays."""
+  """The HF folder `out` from a meta and params arrays: written into a temp sibling that is
+  renamed at the end. On any failure (full disk, read-only volume, Ctrl-C) the temp sibling
+  and the parent folders made for it are removed; nothing else is touched."""
+  _check_out(out, dtype)
+  given, out = out, os.path.abspath(os.path.expanduser(out))
+  with atomic.naming(f"--out={given}", out), atomic.temp_sibling(out) as tmp:
+    files = write_folder(tmp, _hf_tensors(leaves, DTYPES[dtype]), int(shard_mb * 1e6))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(hf_config(meta, dtype), f, indent=2)
+    tokenizer = meta.get("config", {}).get("data", {}).get("tokenizer", "")
+    if tokenizer and tokenizer != "byte" and os.path.isfile(tokenizer):
+      shutil.copy(tokenizer, os.path.join(tmp, "tokenizer.json"))
+    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+      json.dump({"_from_model_config": True}, f, indent=2)
+    os.rename(tmp, out)
+  return files
+
+
+def _check_out(out: str, dtype: str) -> None:
+  """The cheap checks, before any checkpoint is read."""
   if dtype not in DTYPES:
     raise UserError(f"--dtype={dtype}: use one of {', '.join(DTYPES)}")
   if os.path.exists(out):
     raise UserError(f"--out={out} exists; give a new folder (nothing is overwritten)")
-  tmp = os.path.abspath(out) + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  files = write_folder(tmp, _hf_tensors(leaves, DTYPES[dtype]), int(shard_mb * 1e6))
-  with open(os.path.join(tmp, "config.json"), "w") as f:
-    json.dump(hf_config(meta, dtype), f, indent=2)
-  tokenizer = meta.get("config", {}).get("data", {}).get("tokenizer", "")
-  if tokenizer and tokenizer != "byte" and os.path.isfile(tokenizer):
-    shutil.copy(tokenizer, os.path.join(tmp, "tokenizer.json"))
-  with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-    json.dump({"_from_model_config": True}, f, indent=2)
-  os.replace(tmp, out)
-  return files
+
+
+def find_step(workdir: str, step: int | None) -> str:
+  """The checkpoint to export: step `step` of the run in `workdir`, else its latest one (or
+  `workdir` itself when it is a step folder)."""
+  if step is None:
+    return ckpt_lib.resolve_step_dir(workdir, "--workdir")
+  full = os.path.abspath(os.path.expanduser(workdir))
+  if not os.path.isdir(full):
+    raise UserError(f"--workdir={workdir}: no such directory")
+  ckpt_dir = os.path.join(full, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) \
+      if os.path.isdir(ckpt_dir) else []
+  if step not in steps:
+    have = f"the steps there are {', '.join(map(str, steps))}" if steps else \
+        "it holds no checkpoints"
+    raise UserError(f"--step={step}: step {step} is not in {ckpt_dir}; {have}")
+  return os.path.join(ckpt_dir, str(step))
 
 
 def export(workdir: str, out: str, step: int | None = None, dtype: str = "float32",
            shard_mb: float = 5000.0) -> list[str]:
   """Writes the HF folder `out` from a run's checkpoint; returns the safetensors files."""
-  path = os.path.join(workdir, "checkpoints", str(step)) if step is not None else workdir
-  step_dir = ckpt_lib.resolve_step_dir(path, "--workdir")
-  meta = ckpt_lib.read_meta(step_dir)
+  _check_out(out, dtype)
+  path = find_step(workdir, step)
+  meta = ckpt_lib.read_meta(path)
   if "model" not in meta:
-    raise UserError(f"{step_dir} has no model spec in its meta; export needs a checkpoint "
+    raise UserError(f"{path} has no model spec in its meta; export needs a checkpoint "
                     "written by jmid")
-  return write_hf(out, meta, _checkpoint_leaves(step_dir), dtype, shard_mb)
+  return write_hf(out, meta, _checkpoint_leaves(path), dtype, shard_mb)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +188,8 @@ def _main(argv: list[str]) -> int:
     shard_mb = float(opts.get("shard-mb", 5000))
   except ValueError:
     raise UserError(f"--step and --shard-mb must be numbers; {usage}") from None
-  files = export(opts["workdir"], opts["out"], step, opts.get("dtype", "float32"), shard_mb)
+  with cli.STOP.installed():
+    files = export(opts["workdir"], opts["out"], step, opts.get("dtype", "float32"), shard_mb)
   print(f"jmid: exported {opts['workdir']} -> {opts['out']} ({len(files)} safetensors file(s))")
   return 0
 

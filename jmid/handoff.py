@@ -58,9 +58,7 @@ def _load_hf(source: Source, load: str, model: Any, abstract_params: Any) -> Any
   if load != "params":
     raise UserError(f"init.load={load!r}: a Hugging Face folder holds params only; use "
                     "init.load='params'")
-  want = hf.model_fields(source.meta["hf_config"])
-  diff = [f"model.{k}={getattr(model, k)!r} (config.json: {v!r})" for k, v in want.items()
-          if getattr(model, k) != v]
+  diff = hf.contradictions(model, source.meta["hf_config"], source.step_dir)
   if diff:
     raise UserError(f"init.from_path={source.step_dir}: this run's model contradicts its "
                     f"config.json: {'; '.join(diff[:4])}; set those model.* keys")

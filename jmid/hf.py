@@ -32,35 +32,81 @@ ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                  "Qwen3ForCausalLM")
 
 
+# config.json keys every supported architecture must give as positive integers
+REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "intermediate_size")
+_OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "sliding_window")
+_FLOATS = ("rms_norm_eps", "rope_theta")
+
+
 def read_config(path: str) -> dict[str, Any]:
+  """A folder's config.json, checked (model_fields) so every problem names the file."""
+  where = os.path.join(path, "config.json")
   try:
-    with open(os.path.join(path, "config.json")) as f:
-      return json.load(f)
+    with open(where) as f:
+      config = json.load(f)
   except (OSError, ValueError) as e:
-    raise UserError(f"{path}/config.json is unreadable ({e})") from None
+    raise UserError(f"{where} is unreadable ({e})") from None
+  model_fields(config, path)
+  return config
 
 
-def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
+def _is_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_keys(hf: dict[str, Any], where: str) -> None:
+  """One error naming every required key that is missing or not a positive integer."""
+  missing = [k for k in REQUIRED if k not in hf]
+  bad = [f"{k}={hf[k]!r}" for k in REQUIRED if k in hf and not (_is_int(hf[k]) and hf[k] > 0)]
+  bad += [f"{k}={hf[k]!r}" for k in _OPTIONAL_INTS
+          if hf.get(k) is not None and not (_is_int(hf[k]) and hf[k] >= 0)]
+  bad += [f"{k}={hf[k]!r}" for k in _FLOATS if hf.get(k) is not None and not _is_num(hf[k])]
+  if missing or bad:
+    parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
+        [f"bad values {', '.join(bad)}"] if bad else [])
+    raise UserError(f"{where}: {'; '.join(parts)}; a Llama-family config.json gives "
+                    f"{', '.join(REQUIRED)} as positive integers: fix the file or re-save the "
+                    "model with transformers")
+
+
+def _rope_fields(hf: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
   """transformers 5 `rope_parameters` or transformers 4 `rope_theta` + `rope_scaling`."""
   params = dict(hf.get("rope_parameters") or {})
   scaling = dict(hf.get("rope_scaling") or {})
-  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+  theta = next((t for t in (params.get("rope_theta"), hf.get("rope_theta")) if t is not None),
+               10000.0)
   kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
   p = {**scaling, **params}
+
+  def num(key: str, default: Any = None, cast: Callable[[Any], Any] = float) -> Any:
+    v = p.get(key, default)
+    if not _is_num(v):
+      got = "missing" if v is None else f"{v!r}, not a number"
+      raise UserError(f"{where}: RoPE scaling {kind!r} needs {key} ({got}); fix "
+                      "rope_parameters / rope_scaling")
+    return cast(v)
+
+  if not _is_num(theta):
+    raise UserError(f"{where}: rope_theta={theta!r} is not a number")
   if kind == "default":
     return {"rope_theta": float(theta), "rope_scaling": "none"}
   if kind not in ("linear", "llama3", "yarn"):
-    raise UserError(f"config.json: RoPE scaling {kind!r} is not supported; jmid supports "
+    raise UserError(f"{where}: RoPE scaling {kind!r} is not supported; jmid supports "
                     "default, linear, llama3 and yarn")
   if kind == "yarn" and (p.get("mscale") or p.get("mscale_all_dim")):
-    raise UserError("config.json: yarn with mscale/mscale_all_dim (DeepSeek style) is not "
+    raise UserError(f"{where}: yarn with mscale/mscale_all_dim (DeepSeek style) is not "
                     "supported")
-  out = {"rope_theta": float(theta), "rope_scaling": kind, "rope_factor": float(p["factor"])}
+  out = {"rope_theta": float(theta), "rope_scaling": kind, "rope_factor": num("factor")}
   if kind in ("llama3", "yarn"):
-    out["rope_original_max_len"] = int(p["original_max_position_embeddings"])
+    out["rope_original_max_len"] = num("original_max_position_embeddings", cast=int)
   if kind == "llama3":
-    out.update(rope_low_freq_factor=float(p.get("low_freq_factor", 1.0)),
-               rope_high_freq_factor=float(p.get("high_freq_factor", 4.0)))
+    out.update(rope_low_freq_factor=num("low_freq_factor", 1.0),
+               rope_high_freq_factor=num("high_freq_factor", 4.0))
   if kind == "yarn":
     out.update(rope_beta_fast=float(p.get("beta_fast") or 32.0),
                rope_beta_slow=float(p.get("beta_slow") or 1.0),
@@ -68,20 +114,27 @@ def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
-def model_fields(hf: dict[str, Any]) -> dict[str, Any]:
-  """The ModelConfig fields a HF config.json fixes (everything but dtypes, remat, attention)."""
+def model_fields(hf: dict[str, Any], path: str = "") -> dict[str, Any]:
+  """The ModelConfig fields a HF config.json fixes (everything but dtypes, remat, attention).
+
+  `path` is the folder, for error messages; every problem is one UserError naming the file.
+  """
+  where = os.path.join(path, "config.json") if path else "config.json"
+  if not isinstance(hf, dict):
+    raise UserError(f"{where}: expected a JSON object, got {type(hf).__name__}")
   arch = (hf.get("architectures") or ["?"])[0]
   if arch not in ARCHITECTURES:
-    raise UserError(f"config.json: architecture {arch} is not supported; jmid reads "
+    raise UserError(f"{where}: architecture {arch} is not supported; jmid reads "
                     f"{', '.join(ARCHITECTURES)}")
+  _check_keys(hf, where)
   if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias"):
-    raise UserError(f"config.json: {arch} with hidden_act={hf.get('hidden_act')} / mlp_bias "
+    raise UserError(f"{where}: {arch} with hidden_act={hf.get('hidden_act')} / mlp_bias "
                     "is not the SwiGLU jmid implements")
   if arch in ("LlamaForCausalLM", "MistralForCausalLM") and hf.get("attention_bias"):
-    raise UserError(f"config.json: {arch} with attention_bias (an o_proj bias too) is not "
+    raise UserError(f"{where}: {arch} with attention_bias (an o_proj bias too) is not "
                     "supported")
   if arch == "Qwen2ForCausalLM" and hf.get("use_sliding_window"):
-    raise UserError("config.json: Qwen2 with use_sliding_window (windowed layers above "
+    raise UserError(f"{where}: Qwen2 with use_sliding_window (windowed layers above "
                     "max_window_layers only) is not supported")
   window = hf.get("sliding_window") if arch == "MistralForCausalLM" else None
   heads = hf["num_attention_heads"]
@@ -90,11 +143,25 @@ def model_fields(hf: dict[str, Any]) -> dict[str, Any]:
       "n_layers": hf["num_hidden_layers"], "n_heads": heads,
       "n_kv_heads": hf.get("num_key_value_heads") or heads,
       "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
-      "d_ff": hf["intermediate_size"], "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+      "d_ff": hf["intermediate_size"], "norm_eps": float(hf.get("rms_norm_eps") or 1e-6),
       "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
       "qkv_bias": arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias")),
       "qk_norm": arch == "Qwen3ForCausalLM", "sliding_window": int(window or 0),
-      **_rope_fields(hf)}
+      **_rope_fields(hf, where)}
+
+
+def contradictions(model: ModelConfig, hf: dict[str, Any], path: str = "") -> list[str]:
+  """`model.k=v (config.json: w)` for every model.* field that differs from what the folder's
+  config.json fixes; head_dim compares the resolved width (0 means d_model // n_heads)."""
+  out = []
+  for k, want in model_fields(hf, path).items():
+    have = getattr(model, k)
+    if k == "head_dim" and model.dh == want:
+      continue
+    if have != want:
+      note = f" (= {model.dh})" if k == "head_dim" and have == 0 else ""
+      out.append(f"model.{k}={have!r}{note} (config.json: {want!r})")
+  return out
 
 
 def _layer_names(l: int) -> dict[str, str]:
@@ -186,7 +253,7 @@ def set_model(c: Any, path: str) -> Any:
     hf.set_model(c, "/models/Qwen3-0.6B")
     ...
   """
-  for k, v in model_fields(read_config(path)).items():
+  for k, v in model_fields(read_config(path), path).items():
     setattr(c.model, k, v)
   c.init.from_path = path
   return c

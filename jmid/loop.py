@@ -90,6 +90,10 @@ def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> d
                for name, batches in pipeline.eval_batches(
                    c.data, run.srcs, batch_size=local_batch, n_batches=c.train.eval_batches,
                    seed=c.run.seed, **distributed.process_shard()).items()}
+  short = [f"{name} {len(b)}" for name, b in eval_sets.items() if len(b) < c.train.eval_batches]
+  if short and main_process:
+    print(f"jmid: eval batches below train.eval_batches={c.train.eval_batches}, as many as the "
+          f"held-out data fills: {', '.join(short)}", flush=True)
   evaluator = metrics_lib.Evaluator(su.eval_step, eval_sets,
                                     pipeline.bytes_per_token(c.data, run.srcs, c.run.seed))
   baseline = pipeline.unigram_loss(c.data, run.srcs, c.run.seed, c.model.vocab_size)
@@ -139,12 +143,12 @@ def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> d
         jax.block_until_ready(m)
         watch.reset()
         since_log = 0
-      if step % check_every == 0:
-        skips.check()
       eval_now = step == c.train.steps or bool(
           c.train.eval_every_steps and step % c.train.eval_every_steps == 0)
-      if eval_now or step % c.train.log_every_steps == 0:
+      log_now = eval_now or step % c.train.log_every_steps == 0
+      if log_now or step % check_every == 0:
         skips.check()
+      if log_now:
         check_saves()
         if run.lock:
           run.lock.check()

@@ -36,9 +36,11 @@ def tiny_config(**model: object) -> config_lib.Config:
   return config_lib.from_configdict(tiny_configdict(**model))
 
 
-def run_configdict(workdir: object, cache_dir: str, steps: int) -> ConfigDict:
+def run_configdict(workdir: object, cache_dir: str, steps: int, evals: bool = True
+                   ) -> ConfigDict:
   """A tiny model on the demo corpus over a real mesh (data 4 x fsdp 2 of the 8 fake devices),
-  logging every step and checkpointing every 3: what the end-to-end tests run."""
+  logging every step and checkpointing every 3: what the end-to-end tests run. evals=False
+  leaves out the periodic eval (one eval batch, at the last step only): less to compile."""
   c = tiny_configdict()
   c.model.vocab_size = 384  # the byte tokenizer of the demo corpus needs 258 ids
   c.run.workdir = str(workdir)
@@ -47,6 +49,9 @@ def run_configdict(workdir: object, cache_dir: str, steps: int) -> ConfigDict:
   c.train.steps = steps
   c.train.log_every_steps = 1
   c.train.checkpoint_every_steps = 3
+  if not evals:
+    c.train.eval_every_steps = 0
+    c.train.eval_batches = 1
   return c
 
 

@@ -174,6 +174,27 @@ def test_skipped_step_leaves_the_state_unchanged(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_damaged_newest_checkpoint_resumes_exactly_from_the_one_before(tmp_path, cache,
+                                                                         straight):
+  workdir = tmp_path / "run"  # the reference run, with its last checkpoint (9) half-written
+  shutil.copytree(straight, workdir)
+  data = workdir / "checkpoints" / "9" / "state" / "ocdbt.process_0" / "d"
+  for f in os.listdir(data):
+    os.truncate(data / f, os.path.getsize(data / f) // 2)
+  damaged = tree_sums(workdir / "checkpoints" / "9")
+  proc = run(cli(workdir, cache, steps=9))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  first = proc.stdout.splitlines()[0]
+  assert f"checkpoint {workdir}/checkpoints/9 is damaged (" in first, first
+  assert "resumed from step 6 instead" in first, first
+  aside = [d for d in os.listdir(workdir / "checkpoints") if d.startswith("damaged-")]
+  assert len(aside) == 1, os.listdir(workdir / "checkpoints")
+  assert tree_sums(workdir / "checkpoints" / aside[0] / "9") == damaged  # kept, as it was
+  assert losses(workdir) == losses(straight)  # steps 7-9 again, bit for bit
+  assert sorted(ocp.CheckpointManager(workdir / "checkpoints").all_steps()) == [3, 6, 9]
+
+
+@pytest.mark.slow
 def test_a_second_run_is_refused_and_a_killed_run_restarts(tmp_path, cache):
   workdir = tmp_path / "run"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")

@@ -30,15 +30,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided when 
 
 
 def _cfg(workdir, cache_dir, steps=STEPS):
-  c = run_configdict(workdir, cache_dir, steps)
-  c.train.eval_every_steps = 0
-  c.train.eval_batches = 1
-  return c
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("cache"))
+  return run_configdict(workdir, cache_dir, steps, evals=False)
 
 
 @pytest.fixture(scope="module")

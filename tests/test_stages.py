@@ -26,16 +26,9 @@ SOURCE_END_LR = 1e-3  # linear 3e-3 -> 1e-3 over the source run: its stored lr i
 
 
 def _cfg(workdir, cache_dir, steps=4):
-  c = run_configdict(workdir, cache_dir, steps)
+  c = run_configdict(workdir, cache_dir, steps, evals=False)
   c.optim.schedule, c.optim.lr, c.optim.end_lr = "linear", 3e-3, SOURCE_END_LR
-  c.train.eval_every_steps = 0
-  c.train.eval_batches = 1
   return c
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,6 @@ from jmid import train
 from tests.helpers import run_configdict
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("cache"))
-
-
 def _cfg(workdir, cache_dir, steps=8):
   c = run_configdict(workdir, cache_dir, steps)
   c.optim.schedule, c.optim.warmup_steps, c.optim.decay_steps = "wsd", 2, 3

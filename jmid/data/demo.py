@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from jmid.errors import UserError
-from jmid.data import tokenfile
+from jmid.data import atomic, tokenfile
 from jmid.data.mathgen import chat_conversations, math_documents
 from jmid.data.chat import render_chat
 from jmid.data.tokenizer import ByteTokenizer
@@ -43,36 +43,44 @@ def build_demo_corpus(cache_dir: str) -> dict[str, str]:
   """Returns {"code", "math", "text", "chat"} -> token-file dirs, building them on first use.
 
   A file lock makes concurrent callers wait for one builder; the build itself lands by a single
-  directory rename, so a killed build never leaves a corpus that looks finished.
+  directory rename, so a killed build never leaves a corpus that looks finished, and a failed
+  one (a full or read-only data.cache_dir: one line naming it) leaves no temp folder.
   """
   cache = os.path.abspath(os.path.expanduser(cache_dir))
   root = os.path.join(cache, VERSION)
   paths = {name: os.path.join(root, name) for name in SOURCES}
   if _complete(paths):
     return paths
-  os.makedirs(cache, exist_ok=True)
-  with _file_lock(root + ".lock"):
-    if _complete(paths):
-      return paths
-    if os.path.exists(root):
-      raise UserError(f"{root} exists but is incomplete; delete it and run again to rebuild "
-                      "the demo corpus")
-    tmp = tempfile.mkdtemp(prefix=VERSION + ".tmp-", dir=cache)
-    try:
-      code_files, text_files = _split_stdlib_files()
-      vocab = ByteTokenizer.vocab_size
-      tokenfile.write_token_file(os.path.join(tmp, "code"), _code_documents(code_files), vocab)
-      tokenfile.write_token_file(os.path.join(tmp, "math"), _math_tokens(), vocab)
-      tokenfile.write_token_file(os.path.join(tmp, "text"), _text_documents(text_files), vocab)
-      _write_chat(os.path.join(tmp, "chat"))
-      try:
-        os.rename(tmp, root)
-      except OSError:
-        if not _complete(paths):  # a builder without the lock (no fcntl) may have won
-          raise
-    finally:
-      shutil.rmtree(tmp, ignore_errors=True)
+  with atomic.naming(f"data.cache_dir={cache_dir}", cache):
+    atomic.make_parents(cache)  # kept on failure: the lock file lives there
+    with _file_lock(root + ".lock"):
+      if _complete(paths):
+        return paths
+      if os.path.exists(root):
+        raise UserError(f"{root} exists but is incomplete; delete it and run again to rebuild "
+                        "the demo corpus")
+      _build(cache, root, paths)
   return paths
+
+
+def _build(cache: str, root: str, paths: dict[str, str]) -> None:
+  """Writes the corpus into a temp folder in `cache` and renames it to `root`; the temp folder
+  is removed whatever happens (a full disk, Ctrl-C)."""
+  tmp = tempfile.mkdtemp(prefix=VERSION + ".tmp-", dir=cache)
+  try:
+    code_files, text_files = _split_stdlib_files()
+    vocab = ByteTokenizer.vocab_size
+    tokenfile.write_token_file(os.path.join(tmp, "code"), _code_documents(code_files), vocab)
+    tokenfile.write_token_file(os.path.join(tmp, "math"), _math_tokens(), vocab)
+    tokenfile.write_token_file(os.path.join(tmp, "text"), _text_documents(text_files), vocab)
+    _write_chat(os.path.join(tmp, "chat"))
+    try:
+      os.rename(tmp, root)
+    except OSError:
+      if not _complete(paths):  # a builder without the lock (no fcntl) may have won
+        raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _complete(paths: dict[str, str]) -> bool:

@@ -62,6 +62,10 @@ class ScheduledMixIterDataset(grain.IterDataset):
 
 class _ScheduledMixIterator(grain.DatasetIterator):
 
+  # grain's __del__ reads _closed, which its __init__ sets: when building a parent iterator
+  # fails (a MemoryError in a packer), __del__ must not print a second, unrelated traceback.
+  _closed = True
+
   def __init__(self, ds: ScheduledMixIterDataset) -> None:
     super().__init__([iter(p) for p in ds.parents])
     self._ds = ds

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import zlib
 from typing import Any
 
@@ -30,6 +31,7 @@ from jmid.data.tokenizer import Tokenizer, load_tokenizer
 
 UNIGRAM_MAX_TOKENS = 2_000_000  # per source and side; the baseline needs no more precision
 BYTES_SAMPLE_DOCS = 2_000  # held-out documents measured for bytes per token
+COUNT_CHUNK = 1 << 20  # document lengths read per step when counting tokens
 
 
 @dataclasses.dataclass
@@ -72,13 +74,25 @@ def source_specs(cfg: DataConfig) -> dict[str, SourceConfig]:
 def open_sources(cfg: DataConfig) -> Sources:
   tok = load_tokenizer(cfg.tokenizer)
   specs = source_specs(cfg)
-  train = {n: sources.open_source(n, s, tok) for n, s in specs.items()}
+  train = {n: _open(cfg, n, s, tok) for n, s in specs.items()}
   evals = {n: sources.open_source(n, s, tok, eval=True) for n, s in specs.items() if s.eval_path}
   for name, src in list(train.items()) + [(f"{n} (eval_path)", s) for n, s in evals.items()]:
     if len(src) == 0:
       raise UserError(f"data.sources.{name.split()[0]}: no documents; prepare it again or "
                       "remove the source")
   return Sources(tok, specs, train, evals)
+
+
+def _open(cfg: DataConfig, name: str, spec: SourceConfig, tok: Tokenizer) -> Any:
+  """sources.open_source; a damaged demo corpus says how to rebuild it (delete the cache)."""
+  try:
+    return sources.open_source(name, spec, tok)
+  except UserError as e:
+    root = os.path.join(os.path.abspath(os.path.expanduser(cfg.cache_dir)), demo.VERSION)
+    if not cfg.demo or not spec.path.startswith(root + os.sep):
+      raise
+    raise UserError(f"{e}; this is the demo corpus: delete {root} and run again to rebuild "
+                    "it") from None
 
 
 def check_vocab(srcs: Sources, vocab_size: int) -> None:
@@ -153,6 +167,7 @@ def train_iterator(cfg: DataConfig, srcs: Sources, *, batch_size: int, seed: int
   """
   _check_process(process_index, process_count)
   sched = schedule(cfg, srcs)
+  _check_memory(cfg, list(srcs.specs.values()), batch_size)
   rows = []
   for name in srcs.names:
     train, _ = _splits(srcs, name, cfg.eval_fraction, seed)
@@ -160,6 +175,9 @@ def train_iterator(cfg: DataConfig, srcs: Sources, *, batch_size: int, seed: int
     if len(shard) == 0:
       raise UserError(f"data.sources.{name}: {len(train)} training documents cannot feed "
                       f"{process_count} processes; add documents or use fewer hosts")
+    if count_tokens(srcs.train[name], shard, 1) == 0:  # the packer would wait forever
+      raise UserError(f"data.sources.{name}: the {len(shard)} training documents of process "
+                      f"{process_index} are all empty; prepare the source again")
     rows.append(packing.packed_rows(
         srcs.train[name], shard, seq_len=cfg.seq_len, packing=packing_for(cfg, srcs.specs[name]),
         repeat=True,
@@ -202,29 +220,93 @@ class JsonSafeIterator(grain.DatasetIterator):
 def eval_batches(cfg: DataConfig, srcs: Sources, *, batch_size: int, n_batches: int,
                  seed: int, process_index: int = 0, process_count: int = 1
                  ) -> dict[str, list[dict[str, np.ndarray]]]:
-  """Per source, n_batches fixed batches of its held-out documents, in document order.
+  """Per source, up to n_batches fixed batches of its held-out documents, in document order.
 
-  The held-out documents are re-read from the start only if one pass cannot fill n_batches,
-  so every call returns the same batches and every process the same number of them. A process
-  whose shard is empty (fewer held-out documents than processes) reads the whole eval set; a
-  source with no held-out document (a single document) gets an empty list.
+  Never more batches than one pass over the source's whole held-out set fills (but at least 1):
+  eval_batch_count says how many, from the global held-out tokens, so every process gets the
+  same number; `len(result[name])` is that number. A process's shard is re-read from the start
+  when it runs out first, and a process whose shard is empty (fewer held-out documents than
+  processes) reads the whole eval set. A source with no held-out token gets an empty list.
   """
   _check_process(process_index, process_count)
   out: dict[str, list[dict[str, np.ndarray]]] = {}
   for name in srcs.names:
     _, (src, held) = _splits(srcs, name, cfg.eval_fraction, seed)
+    n = eval_batch_count(cfg, src, held, batch_size * process_count, n_batches)
     shard = held[process_index::process_count]
-    if len(shard) == 0:
+    if count_tokens(src, shard, 1) == 0:
       shard = held
-    if len(shard) == 0:
+    if n == 0:
       out[name] = []
       continue
+    _check_memory(cfg, [srcs.specs[name]], batch_size)
     rows = packing.packed_rows(src, shard, seq_len=cfg.seq_len,
                                packing=packing_for(cfg, srcs.specs[name]), shuffle_seed=None,
                                repeat=True)
     it = iter(packing.batches(rows, batch_size))
-    out[name] = [next(it) for _ in range(n_batches)]
+    out[name] = [next(it) for _ in range(n)]
   return out
+
+
+def eval_batch_count(cfg: DataConfig, src: Any, held: np.ndarray, global_batch: int,
+                     n_batches: int) -> int:
+  """min(n_batches, the batches of global_batch rows one pass over `held` surely fills (a row
+  holds at most seq_len + 1 tokens), at least 1); 0 when `held` has no token."""
+  row_tokens = global_batch * (cfg.seq_len + 1)
+  total = count_tokens(src, held, n_batches * row_tokens)
+  if total == 0:
+    return 0
+  return min(n_batches, max(1, total // row_tokens))
+
+
+def count_tokens(src: Any, indices: np.ndarray, enough: int) -> int:
+  """Tokens in the documents `indices`, counted until there are `enough`: token files read
+  their offsets only; other sources read documents (each holds at least its EOS)."""
+  n = 0
+  if hasattr(src, "doc_lengths"):
+    for lo in range(0, len(indices), COUNT_CHUNK):
+      n += int(src.doc_lengths(indices[lo:lo + COUNT_CHUNK]).sum())
+      if n >= enough:
+        break
+    return n
+  for i in indices:
+    n += len(src[int(i)]["tokens"])
+    if n >= enough:
+      break
+  return n
+
+
+def host_bytes(cfg: DataConfig, specs: list[SourceConfig], batch_size: int) -> int:
+  """A low estimate of the host memory the pipeline's seq_len-long buffers take: grain's packer
+  per source (first-fit keeps FIRST_FIT_BINS rows of 3 int32 arrays per feature; concat about
+  7 such arrays) and a batch in flight (its packed rows, then 5 int32 arrays per row)."""
+  per_source = sum(packing.FIRST_FIT_BINS * 6 * 4 if packing_for(cfg, s) == "first_fit"
+                   else 7 * 4 for s in specs)
+  return (cfg.seq_len + 1) * (per_source + batch_size * 11 * 4)
+
+
+def _check_memory(cfg: DataConfig, specs: list[SourceConfig], batch_size: int) -> None:
+  """One line instead of a MemoryError (or the kernel's OOM killer, which prints nothing) when
+  the buffers alone cannot fit in the host's available memory."""
+  need, have = host_bytes(cfg, specs, batch_size), _available_bytes()
+  if have and need > have:
+    raise UserError(
+        f"data.seq_len={cfg.seq_len}: the data pipeline alone needs about {need / 2**30:,.1f} "
+        f"GiB of host memory ({len(specs)} source(s) packed into rows of seq_len + 1 tokens, "
+        f"{batch_size} rows per batch), more than the {have / 2**30:,.1f} GiB available; use a "
+        "smaller data.seq_len or train.global_batch")
+
+
+def _available_bytes() -> int:
+  """MemAvailable from /proc/meminfo; 0 (unknown) elsewhere."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  return 0
 
 
 def bytes_per_token(cfg: DataConfig, srcs: Sources, seed: int) -> dict[str, float]:
@@ -261,12 +343,19 @@ def unigram_loss(cfg: DataConfig, srcs: Sources, seed: int, vocab_size: int) -> 
   """
   train_counts = np.zeros(vocab_size, np.int64)
   eval_counts = np.zeros(vocab_size, np.int64)
+  empty = []  # sources whose held-out documents hold no token
   for name in srcs.names:
     train, (src, held) = _splits(srcs, name, cfg.eval_fraction, seed)
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     for s, idx, counts in ((srcs.train[name], train, train_counts), (src, held, eval_counts)):
       tokens = _gather(s, rng.permutation(idx), UNIGRAM_MAX_TOKENS)
       counts += np.bincount(tokens, minlength=vocab_size)[:vocab_size]
+      if counts is eval_counts and len(idx) and not len(tokens):
+        empty.append(f"data.sources.{name} ({len(idx)})")
+  if eval_counts.sum() == 0 and empty:
+    raise UserError(f"no held-out tokens: the held-out documents of {', '.join(empty)} are all "
+                    "empty, which no prepared file holds; rebuild the source with python -m "
+                    "jmid.data.prepare")
   if eval_counts.sum() == 0:
     raise UserError("no held-out tokens: every source has a single document; add documents")
   logp = np.log(train_counts + 1.0) - np.log(train_counts.sum() + vocab_size)

@@ -25,7 +25,7 @@ import numpy as np
 
 from jmid import cli
 from jmid.errors import UserError
-from jmid.data import formats, parallel
+from jmid.data import atomic, formats, parallel
 from jmid.data.tokenfile import token_dtype, write_token_file
 from jmid.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -224,9 +224,10 @@ def prepare(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     if progress.docs == 0:
       raise UserError(f"--input={args.input}: the files hold no documents")
 
-  return write_token_file(out, docs(), tok.vocab_size, overwrite=args.overwrite,
-                          extra_meta={"tokenizer": spec, "eos_id": int(tok.eos_id),
-                                      "kind": args.kind, "field": field})
+  with atomic.naming(f"--out={args.out}", out):  # a full or read-only --out: one line
+    return write_token_file(out, docs(), tok.vocab_size, overwrite=args.overwrite,
+                            extra_meta={"tokenizer": spec, "eos_id": int(tok.eos_id),
+                                        "kind": args.kind, "field": field})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -139,6 +139,17 @@ class TokenFileSource(_MultiFile):
   def max_token_id(self) -> int:
     return max(tf.max_token_id() for tf in self.files)
 
+  def doc_lengths(self, indices: np.ndarray) -> np.ndarray:
+    """Tokens of each document in `indices`, from the offsets alone (no token is read)."""
+    idx = np.asarray(indices, np.int64)
+    which = np.searchsorted(self._starts, idx, side="right") - 1
+    out = np.zeros(len(idx), np.int64)
+    for f, tf in enumerate(self.files):
+      sel = which == f
+      if sel.any():
+        out[sel] = tf.doc_lengths(idx[sel] - self._starts[f])
+    return out
+
 
 class FlatSource(_MultiFile):
   """OLMo-style flat token arrays (.npy or raw .bin); documents end with eos_id."""

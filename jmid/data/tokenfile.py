@@ -11,7 +11,9 @@ Layout of `<dir>/`:
 Files written before mask.bin existed (no "has_mask", no "max_token_id") still load.
 
 meta.json is written last and the directory appears by one rename, so a directory with a
-meta.json is complete: an interrupted write leaves only a `*.tmp-*` sibling behind.
+meta.json is complete: an interrupted write leaves only a `*.tmp-*` sibling behind. Opening
+checks what is cheap to check (sizes, offsets rising from 0 to n_tokens, the ids at both ends
+of tokens.bin), so a damaged or foreign file is one error naming it, not garbage batches.
 """
 
 from __future__ import annotations
@@ -27,10 +29,15 @@ from typing import Any
 
 import numpy as np
 
+from jmid.data import atomic
 from jmid.errors import UserError
 
 FORMAT = "jmid-tokens-v1"
-_FIX = "rewrite it with jmid.data.tokenfile.write_token_file (or fix the path)"
+_FIX = ("rebuild it with python -m jmid.data.prepare (or jmid.data.tokenfile.write_token_file), "
+        "or fix the path")
+INVALID = "is not a valid jmid token file"
+SAMPLE = 1 << 20  # tokens read from each end of tokens.bin at open to catch garbage
+OFFSETS_CHUNK = 1 << 22  # offsets checked per step (monotone) at open
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -59,11 +66,8 @@ def write_token_file(out_dir: str, docs: Iterable[Doc] | Iterable[tuple[Doc, Doc
   out_dir = os.path.abspath(os.path.expanduser(out_dir))
   if os.path.exists(out_dir) and not overwrite:
     raise UserError(f"{out_dir} already exists; delete it or write to another directory")
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
   dtype = token_dtype(vocab_size)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
-  try:
+  with atomic.temp_sibling(out_dir) as tmp:
     offsets = array.array("q", [0])
     max_id = -1
     masked: bool | None = None  # decided by the first document
@@ -101,9 +105,6 @@ def write_token_file(out_dir: str, docs: Iterable[Doc] | Iterable[tuple[Doc, Doc
       f.flush()
       os.fsync(f.fileno())
     _move_into_place(tmp, out_dir, overwrite)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return meta
 
 
@@ -166,29 +167,53 @@ class TokenFile:
     self.vocab_size = int(self.meta["vocab_size"])
     self.has_mask = bool(self.meta.get("has_mask", False))
     n_docs = int(self.meta["n_docs"])
-    size = os.path.getsize(os.path.join(self.path, "tokens.bin"))
+    tpath = os.path.join(self.path, "tokens.bin")
+    size = os.path.getsize(tpath)
     if size != self.n_tokens * self.dtype.itemsize:
-      raise UserError(f"{self.path}/tokens.bin has {size} bytes but meta.json promises "
-                      f"{self.n_tokens} {self.dtype.name} tokens "
-                      f"({self.n_tokens * self.dtype.itemsize} bytes): the file is truncated "
-                      f"or corrupt; {_FIX}")
+      raise _invalid(tpath, f"{size} bytes, but meta.json promises {self.n_tokens} "
+                     f"{self.dtype.name} tokens ({self.n_tokens * self.dtype.itemsize} bytes): "
+                     "truncated or corrupt")
+    opath = os.path.join(self.path, "offsets.npy")
+    with open(opath, "rb") as f:
+      if f.read(6) != b"\x93NUMPY":
+        raise _invalid(opath, "no .npy header")
     try:
-      self.offsets = np.load(os.path.join(self.path, "offsets.npy"), mmap_mode="r")
+      self.offsets = np.load(opath, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
-      raise UserError(f"{self.path}/offsets.npy is unreadable ({e}); {_FIX}") from None
-    if (self.offsets.shape != (n_docs + 1,) or int(self.offsets[0]) != 0
-        or int(self.offsets[-1]) != self.n_tokens):
-      raise UserError(f"{self.path}/offsets.npy does not match meta.json (n_docs={n_docs}, "
-                      f"n_tokens={self.n_tokens}): the file is corrupt; {_FIX}")
+      raise _invalid(opath, f"unreadable as .npy: {str(e)[:120]}") from None
+    _check_offsets(opath, self.offsets, n_docs, self.n_tokens)
     if self.has_mask:
       mpath = os.path.join(self.path, "mask.bin")
       msize = os.path.getsize(mpath) if os.path.isfile(mpath) else -1
       if msize != self.n_tokens:
         raise UserError(f"{mpath} is {'missing' if msize < 0 else f'{msize} bytes'} but "
-                        f"meta.json promises a mask of {self.n_tokens} tokens: the file is "
-                        f"corrupt; {_FIX}")
+                        f"meta.json promises a mask of {self.n_tokens} tokens: {self.path} "
+                        f"{INVALID}; {_FIX}")
     self._tokens: np.ndarray | None = None
     self._mask: np.ndarray | None = None
+    self._check_sample()
+
+  def _check_sample(self) -> None:
+    """Garbage in tokens.bin / mask.bin shows as ids above the recorded maximum (or the vocab)
+    and mask values other than 0/1: checks the first and last SAMPLE tokens, a cheap read."""
+    n = self.n_tokens
+    spans = [(0, min(n, SAMPLE))] + ([(max(n - SAMPLE, SAMPLE), n)] if n > SAMPLE else [])
+    top = min(int(self.meta.get("max_token_id", self.vocab_size - 1)), self.vocab_size - 1)
+    for lo, hi in spans:
+      if hi > lo and int(np.max(self.tokens[lo:hi])) > top:
+        bad = lo + int(np.argmax(np.asarray(self.tokens[lo:hi]) > top))
+        raise _invalid(os.path.join(self.path, "tokens.bin"),
+                       f"token {bad} is id {int(self.tokens[bad])}, above the largest id "
+                       f"{top} meta.json records (vocab_size {self.vocab_size})")
+      if self.has_mask and hi > lo and int(np.max(self._mask_array()[lo:hi])) > 1:
+        raise _invalid(os.path.join(self.path, "mask.bin"), "mask values other than 0 and 1")
+
+  def _mask_array(self) -> np.ndarray:
+    if self._mask is None:
+      self._mask = (np.zeros(0, np.uint8) if self.n_tokens == 0 else
+                    np.memmap(os.path.join(self.path, "mask.bin"), dtype=np.uint8, mode="r",
+                              shape=(self.n_tokens,)))
+    return self._mask
 
   @property
   def tokens(self) -> np.ndarray:
@@ -222,11 +247,7 @@ class TokenFile:
     if not self.has_mask:
       return None
     start, stop = self._span(i)
-    if self._mask is None:
-      self._mask = (np.zeros(0, np.uint8) if self.n_tokens == 0 else
-                    np.memmap(os.path.join(self.path, "mask.bin"), dtype=np.uint8, mode="r",
-                              shape=(self.n_tokens,)))
-    return np.array(self._mask[start:stop], dtype=np.int32)
+    return np.array(self._mask_array()[start:stop], dtype=np.int32)
 
   def max_token_id(self) -> int:
     """The largest id in the file (-1 if empty): from meta.json, else one pass over tokens."""
@@ -234,9 +255,12 @@ class TokenFile:
       self.meta["max_token_id"] = int(self.tokens.max()) if self.n_tokens else -1
     return int(self.meta["max_token_id"])
 
-  def doc_lengths(self) -> np.ndarray:
-    """Tokens per document (int64 [n_docs])."""
-    return np.diff(np.asarray(self.offsets))
+  def doc_lengths(self, indices: np.ndarray | None = None) -> np.ndarray:
+    """Tokens per document (int64 [n_docs]), or per document of `indices`."""
+    if indices is None:
+      return np.diff(np.asarray(self.offsets))
+    indices = np.asarray(indices, np.int64)
+    return np.asarray(self.offsets[indices + 1]) - np.asarray(self.offsets[indices])
 
   def __getstate__(self) -> dict[str, Any]:
     state = self.__dict__.copy()
@@ -253,6 +277,26 @@ class TokenFile:
     return f"TokenFile({self.path!r}, n_docs={len(self)}, n_tokens={self.n_tokens})"
 
 
+def _invalid(path: str, detail: str) -> UserError:
+  """`<dir>/<file>: <detail>, so <dir> is not a valid jmid token file; <fix>`."""
+  return UserError(f"{path}: {detail}, so {os.path.dirname(path)} {INVALID}; {_FIX}")
+
+
+def _check_offsets(path: str, offsets: np.ndarray, n_docs: int, n_tokens: int) -> None:
+  """Offsets are n_docs + 1 integers rising from 0 to n_tokens (one pass, in chunks)."""
+  if offsets.dtype.kind not in "iu" or offsets.shape != (n_docs + 1,):
+    raise _invalid(path, f"{offsets.dtype} array of shape {offsets.shape}, meta.json promises "
+                   f"int64 [{n_docs + 1}] (n_docs + 1)")
+  if int(offsets[0]) != 0 or int(offsets[-1]) != n_tokens:
+    raise _invalid(path, f"runs from {int(offsets[0])} to {int(offsets[-1])}, meta.json "
+                   f"promises 0 to n_tokens={n_tokens}")
+  for lo in range(0, n_docs, OFFSETS_CHUNK):
+    step = np.diff(np.asarray(offsets[lo:lo + OFFSETS_CHUNK + 1], dtype=np.int64))
+    if (step < 0).any():
+      doc = lo + int(np.argmax(step < 0))
+      raise _invalid(path, f"document {doc} ends before it starts: offsets must not decrease")
+
+
 def _read_meta(path: str) -> dict[str, Any]:
   """meta.json, checked; every failure is one UserError line naming the path and the fix."""
   if not os.path.isdir(path):
@@ -262,16 +306,21 @@ def _read_meta(path: str) -> dict[str, Any]:
     raise UserError(f"{meta_path} is missing: {path} is not a finished token file "
                     f"(an interrupted write?); {_FIX}")
   try:
-    with open(meta_path) as f:
-      meta = json.load(f)
+    with open(meta_path, "rb") as f:
+      meta = json.loads(f.read().decode("utf-8"))
   except (OSError, ValueError) as e:
-    raise UserError(f"{meta_path} is unreadable ({e}); {_FIX}") from None
+    raise _invalid(meta_path, f"unreadable as JSON: {str(e)[:120]}") from None
   if not isinstance(meta, dict) or meta.get("format") != FORMAT:
     got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-    raise UserError(f"{meta_path}: format is {got!r}, expected {FORMAT!r}; {_FIX}")
+    raise _invalid(meta_path, f"format is {got!r}, expected {FORMAT!r}")
   missing = [k for k in ("dtype", "n_docs", "n_tokens", "vocab_size") if k not in meta]
-  if missing or meta["dtype"] not in ("uint16", "uint32"):
-    raise UserError(f"{meta_path}: missing or bad keys {missing or ['dtype']}; {_FIX}")
+  lowest = {"n_docs": 0, "n_tokens": 0, "vocab_size": 1, "max_token_id": -1}
+  bad = [k for k, lo in lowest.items() if k in meta and not (
+      isinstance(meta[k], int) and not isinstance(meta[k], bool) and meta[k] >= lo)]
+  if missing or bad or meta["dtype"] not in ("uint16", "uint32"):
+    what = "missing keys " + ", ".join(missing) if missing else \
+        f"bad values {', '.join(f'{k}={meta[k]!r}' for k in bad or ['dtype'])}"
+    raise _invalid(meta_path, what)
   for k in ("tokens.bin", "offsets.npy"):
     if not os.path.isfile(os.path.join(path, k)):
       raise UserError(f"{path}/{k} is missing; {_FIX}")
