@@ -35,6 +35,13 @@ def _by_platform(cfg: Cfg, name: str, *args):
       default=functools.partial(getattr(flash_gpu, name), interpreted))
 
 
+def kernel(name: str, cfg: Cfg, *args: jax.Array) -> tuple[jax.Array, ...]:
+  """The kernels' "forward" (q, k, v, q_seg, kv_seg -> o, lse) or "backward" (..., o, lse,
+  do, dlse -> dq, dk, dv) for the platform being lowered for, no VJP around it: for callers
+  that combine block pairs themselves (jmid.ring), with `cfg.offset` any integer."""
+  return _by_platform(cfg, name, *args)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attend(cfg: Cfg, q, k, v, q_seg, kv_seg) -> tuple[jax.Array, jax.Array]:
   return _by_platform(cfg, "forward", q, k, v, q_seg, kv_seg)

@@ -78,3 +78,59 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
     return o
   lse = jnp.where(l > 0, jnp.log(jnp.where(l > 0, l, 1.0)) + m_safe, -jnp.inf)[..., 0]
   return o, lse.reshape(b, hq, t)
+
+
+def _block_logits(cfg, q, k, q_seg, kv_seg) -> tuple[jax.Array, jax.Array]:
+  """(logits [B, Hkv, G, T, S] float32, visibility broadcastable to them) under `cfg`, whose
+  offset places query i at key position i + cfg.offset (any integer)."""
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  q5 = q.reshape(b, t, hkv, hq // hkv, d).astype(jnp.float32)
+  raw = jnp.einsum("btkgd,bskd->bkgts", q5, k.astype(jnp.float32)) * cfg.scale
+  logits = cfg.softcap * jnp.tanh(raw / cfg.softcap) if cfg.softcap else raw
+  q_pos = jnp.arange(t)[:, None] + cfg.offset
+  k_pos = jnp.arange(k.shape[1])[None, :]
+  mask = q_seg[:, :, None] == kv_seg[:, None, :]
+  if cfg.causal:
+    mask = mask & (k_pos <= q_pos)[None]
+  if cfg.window:
+    mask = mask & (q_pos - k_pos < cfg.window)[None]
+  return logits, mask[:, None, None]
+
+
+def block_forward(cfg, q, k, v, q_seg, kv_seg) -> tuple[jax.Array, jax.Array]:
+  """The kernels' forward interface (pallas_kernels.blocks.Cfg, q/kv segment ids) in jnp:
+  (o [B, T, Hq, D], logsumexp [B, Hq, T] float32). Ring attention's 'xla' blocks."""
+  b, t, hq, d = q.shape
+  logits, mask = _block_logits(cfg, q, k, q_seg, kv_seg)
+  logits = jnp.where(mask, logits, -jnp.inf)
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(logits - m_safe)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  o = jnp.einsum("bkgts,bskd->btkgd", p / jnp.where(l > 0, l, 1.0), v.astype(jnp.float32))
+  lse = jnp.where(l > 0, jnp.log(jnp.where(l > 0, l, 1.0)) + m_safe, -jnp.inf)[..., 0]
+  return o.reshape(b, t, hq, d).astype(q.dtype), lse.reshape(b, hq, t)
+
+
+def block_backward(cfg, q, k, v, q_seg, kv_seg, o, lse, do, dlse
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The kernels' backward interface in jnp: (dq, dk, dv) of one block pair, with `o` and
+  `lse` those of the whole attention (the block's probabilities are exp(logits - lse))."""
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  g = hq // hkv
+  logits, mask = _block_logits(cfg, q, k, q_seg, kv_seg)
+  lse5 = lse.reshape(b, hkv, g, t)[..., None]
+  p = jnp.where(mask, jnp.exp(logits - jnp.where(jnp.isfinite(lse5), lse5, 0.0)), 0.0)
+  do5 = do.reshape(b, t, hkv, g, d).astype(jnp.float32)
+  delta = (jnp.einsum("btkgd,btkgd->bkgt", do5, o.reshape(b, t, hkv, g, d).astype(jnp.float32))
+           - dlse.reshape(b, hkv, g, t))
+  dv = jnp.einsum("bkgts,btkgd->bskd", p, do5)
+  ds = p * (jnp.einsum("btkgd,bskd->bkgts", do5, v.astype(jnp.float32)) - delta[..., None])
+  if cfg.softcap:  # s = c tanh(x / c): ds/dx = 1 - (s / c)^2
+    ds = ds * (1.0 - jnp.square(logits / cfg.softcap))
+  ds = ds * cfg.scale
+  dq = jnp.einsum("bkgts,bskd->btkgd", ds, k.astype(jnp.float32)).reshape(b, t, hq, d)
+  dk = jnp.einsum("bkgts,btkgd->bskd", ds, q.reshape(b, t, hkv, g, d).astype(jnp.float32))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
