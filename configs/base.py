@@ -50,7 +50,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.mesh.data = 1  # pure data-parallel replicas (across hosts/slices); -1 = remaining devices
   c.mesh.fsdp = -1  # params and batch sharded; -1 = remaining devices
   c.mesh.tensor = 1  # heads / MLP / vocab sharded
-  c.mesh.context = 1  # sequence sharded (ring attention); 1 until it lands
+  c.mesh.context = 1  # sequence sharded over this many devices (ring attention, jmid/ring.py)
+  c.mesh.context_layout = "zigzag"  # 2 mirrored chunks per device: equal causal work; or contiguous
 
   c.data = ConfigDict()
   c.data.demo = False  # build the built-in demo corpus (code, math, text) and use its sources

@@ -7,13 +7,14 @@ and no NaN appears; its loss is masked elsewhere.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jmid import sharding
-
-IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
+from jmid import ring, sharding
+from jmid.config import ATTENTION
 
 
 def segment_mask(segment_ids_bt: jax.Array, causal: bool = True, window: int = 0) -> jax.Array:
@@ -65,11 +66,34 @@ def _pallas(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, segment_ids
                        out_specs=q_spec, check_vma=False)(q_bthd, k_bshd, v_bshd, segment_ids_bt)
 
 
+def _ring(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, segment_ids_bt: jax.Array,
+          implementation: str, causal: bool, window: int, scale: float, layout: str,
+          mesh: jax.sharding.AbstractMesh) -> jax.Array:
+  """Ring attention (jmid.ring) over the `context` axis, rows and heads split as in _pallas;
+  the rows arrive in `layout`'s token order (steps.loss_sums puts them so)."""
+  sizes = dict(mesh.shape)
+  (axis,) = sharding.RULES["length"]
+  q_spec = sharding.logical_spec(("batch", "length", "heads", None), q_bthd.shape, sizes)
+  kv_spec = sharding.logical_spec(("batch", "length", "kv_heads", None), k_bshd.shape, sizes)
+  if q_spec[2] != kv_spec[2]:
+    q_spec, kv_spec = P(*q_spec[:2], None, None), P(*kv_spec[:2], None, None)
+  call = functools.partial(ring.ring_attention, axis=axis, n=sizes[axis],
+                           layout=layout, causal=causal, window=window, scale=scale,
+                           implementation=implementation)
+  return jax.shard_map(call, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(*q_spec[:2])),
+                       out_specs=q_spec, check_vma=False)(q_bthd, k_bshd, v_bshd, segment_ids_bt)
+
+
 def attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
               segment_ids_bt: jax.Array, *, implementation: str = "xla",
-              causal: bool = True, window: int = 0) -> jax.Array:
-  """Multi-head / grouped-query attention over packed rows; returns [B, T, Hq, D]."""
+              causal: bool = True, window: int = 0, layout: str = "contiguous"
+              ) -> jax.Array:
+  """Multi-head / grouped-query attention over packed rows; returns [B, T, Hq, D]. Under a
+  mesh whose `context` axis is above 1 it is ring attention, rows in `layout`'s order."""
   scale = q_bthd.shape[-1] ** -0.5
+  if sharding.context_size() > 1:
+    return _ring(q_bthd, k_bshd, v_bshd, segment_ids_bt, implementation, causal, window, scale,
+                 layout, jax.sharding.get_abstract_mesh())
   if implementation == "pallas":  # masks block by block from the segment ids: no [T, T] mask
     return _pallas(q_bthd, k_bshd, v_bshd, segment_ids_bt, causal, window, scale)
   mask = segment_mask(segment_ids_bt, causal, window)
@@ -79,4 +103,4 @@ def attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
     return jax.nn.dot_product_attention(q_bthd, k_bshd, v_bshd, mask=mask, scale=scale,
                                         is_causal=causal, implementation="cudnn")
   raise ValueError(f"unknown attention implementation {implementation!r}; "
-                   f"choose one of {IMPLEMENTATIONS}")
+                   f"choose one of {ATTENTION}")

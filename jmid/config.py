@@ -17,6 +17,9 @@ from jmid.errors import ConfigError
 
 
 ATTENTION = ("xla", "cudnn", "pallas")
+CONTEXT_LAYOUTS = ("zigzag", "contiguous")  # jmid.ring says what each means
+KERNEL_ROWS = 16  # a Pallas kernel block holds a multiple of 16 rows (Triton's dots)
+KERNEL_TILE = 128  # longer ring chunks must be whole 128-row blocks (the TPU kernel's lanes)
 REMAT = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine", "linear", "wsd")
@@ -89,6 +92,11 @@ class MeshConfig:
   fsdp: int
   tensor: int
   context: int
+  context_layout: str = "zigzag"
+
+  def context_chunks(self, n: int) -> int:
+    """How many equal chunks a row is cut into for `n`-way context parallelism."""
+    return 2 * n if self.context_layout == "zigzag" and n > 1 else n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +244,25 @@ def _check(ok: bool, msg: str) -> None:
     raise ConfigError(msg)
 
 
+def check_context(c: Config, n: int) -> None:
+  """A row must cut into equal ring chunks, and the Pallas kernels must tile them."""
+  if n == 1:
+    return
+  _check(c.model.attention != "cudnn", f"mesh.context={n}: model.attention='cudnn' cannot run "
+         "inside ring attention; use model.attention='pallas' (or 'xla')")
+  chunks = c.mesh.context_chunks(n)
+  per = " (2 per device: the zigzag layout)" if chunks == 2 * n else ""
+  _check(c.data.seq_len % chunks == 0, f"data.seq_len={c.data.seq_len} does not cut into "
+         f"{chunks} equal chunks for mesh.context={n}{per}; use a multiple of {chunks}")
+  chunk = c.data.seq_len // chunks
+  _check(c.model.attention != "pallas" or chunk % KERNEL_TILE == 0
+         or (chunk < KERNEL_TILE and chunk % KERNEL_ROWS == 0),
+         f"data.seq_len={c.data.seq_len} gives ring chunks of {chunk} tokens, which the Pallas "
+         f"kernel blocks do not tile; make the chunks a multiple of {KERNEL_TILE} (or of "
+         f"{KERNEL_ROWS} below {KERNEL_TILE}): data.seq_len a multiple of "
+         f"{chunks * KERNEL_TILE}")
+
+
 def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
   _check(value in options, f"{key}={value!r}: unknown; choose one of {', '.join(options)}")
 
@@ -284,8 +311,9 @@ def validate(c: Config) -> None:
     _check(v == -1 or v >= 1, f"mesh.{key}={v}: must be >= 1, or -1 for the remaining devices")
   _check([c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.context].count(-1) <= 1,
          "mesh: at most one axis may be -1 (the remaining devices)")
-  _check(c.mesh.context == 1, f"mesh.context={c.mesh.context}: context parallelism (ring "
-         "attention) is not available yet; set mesh.context=1")
+  _choice("mesh.context_layout", c.mesh.context_layout, CONTEXT_LAYOUTS)
+  if c.mesh.context > 1:
+    check_context(c, c.mesh.context)
 
   _check(0 < dt.seq_len <= MAX_SEQ_LEN, f"data.seq_len={dt.seq_len}: must be a positive "
          f"integer of at most {MAX_SEQ_LEN:,} tokens per row")

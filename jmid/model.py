@@ -77,7 +77,8 @@ class Block(nnx.Module):
     self.w_down = _param(rngs, (f, e), ("mlp", "embed"), out_std, pd)
 
   def __call__(self, x_bte: jax.Array, positions_bt: jax.Array,
-               segment_ids_bt: jax.Array) -> jax.Array:
+               segment_ids_bt: jax.Array, context_layout: str = "contiguous"
+               ) -> jax.Array:
     cfg, cd = self.cfg, x_bte.dtype
     h_bte = self.attn_norm(x_bte)
     q = jnp.einsum("bte,ehd->bthd", h_bte, self.wq[...].astype(cd))
@@ -93,7 +94,7 @@ class Block(nnx.Module):
     k = sharding.constrain(apply_rope(k, positions_bt, cfg),
                            ("batch", "length", "kv_heads", None))
     o_bthd = attention(q, k, v, segment_ids_bt, implementation=cfg.attention,
-                       window=cfg.sliding_window)
+                       window=cfg.sliding_window, layout=context_layout)
     x_bte = x_bte + jnp.einsum("bthd,hde->bte", o_bthd, self.wo[...].astype(cd))
     x_bte = sharding.constrain(x_bte, ("batch", "length", None))
 
@@ -125,7 +126,11 @@ class Decoder(nnx.Module):
                             cfg.init_std, pd)
 
   def __call__(self, inputs_bt: jax.Array, positions_bt: jax.Array | None = None,
-               segment_ids_bt: jax.Array | None = None) -> jax.Array:
+               segment_ids_bt: jax.Array | None = None,
+               context_layout: str = "contiguous") -> jax.Array:
+    """context_layout: the token order of the rows when the mesh splits them over `context`:
+    'contiguous' is the row's own order; 'zigzag' means the caller permuted them so
+    (jmid.ring.permutation), and ring attention must know where each device's chunks sit."""
     cfg = self.cfg
     cd = jnp.dtype(cfg.compute_dtype)
     if positions_bt is None:
@@ -138,7 +143,8 @@ class Decoder(nnx.Module):
     graphdef, stacked = nnx.split(self.blocks)
 
     def body(x: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, None]:
-      return nnx.merge(graphdef, layer_state)(x, positions_bt, segment_ids_bt), None
+      return nnx.merge(graphdef, layer_state)(x, positions_bt, segment_ids_bt,
+                                              context_layout), None
 
     if cfg.remat != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
@@ -167,9 +173,10 @@ def init_params(cfg: ModelConfig, seed: int) -> dict:
 
 def apply(graphdef: nnx.GraphDef, params: dict, inputs_bt: jax.Array,
           positions_bt: jax.Array | None = None,
-          segment_ids_bt: jax.Array | None = None) -> jax.Array:
+          segment_ids_bt: jax.Array | None = None,
+          context_layout: str = "contiguous") -> jax.Array:
   """Pure forward pass over a params dict."""
-  return nnx.merge(graphdef, params)(inputs_bt, positions_bt, segment_ids_bt)
+  return nnx.merge(graphdef, params)(inputs_bt, positions_bt, segment_ids_bt, context_layout)
 
 
 def count_params(params: dict) -> int:

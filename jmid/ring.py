@@ -35,11 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmid.config import CONTEXT_LAYOUTS as LAYOUTS
 from pallas_kernels import reference
-from pallas_kernels.flash_attention import kernel
 from pallas_kernels.blocks import Cfg
-
-LAYOUTS = ("zigzag", "contiguous")
+from pallas_kernels.flash_attention import kernel
 
 
 def chunk_ids(layout: str, n: int) -> np.ndarray:

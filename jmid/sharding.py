@@ -102,6 +102,12 @@ def constrain(x: jax.Array, names: Names) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_spec(names, x.shape, dict(mesh.shape)))
 
 
+def context_size() -> int:
+  """How many devices each row's sequence is split over in the current mesh (1 outside one)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else int(math.prod(dict(mesh.shape).get(a, 1) for a in RULES["length"]))
+
+
 def bytes_per_device(tree: Any) -> dict[jax.Device, int]:
   """Bytes of `tree`'s addressable shards on each device (to check that FSDP shards)."""
   out: dict[jax.Device, int] = {}

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from jmid import model as model_lib
-from jmid import sharding
+from jmid import ring, sharding
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
@@ -37,11 +37,24 @@ def init_state(params: dict, tx: optax.GradientTransformation, ema: bool = False
   return state
 
 
-def loss_sums(graphdef: nnx.GraphDef, params: dict, batch: Batch,
-              z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+def in_context_layout(batch: Batch, layout: str) -> tuple[Batch, str]:
+  """The batch's rows in the token order ring attention wants under the current mesh, and the
+  layout to tell the model. Every key moves alike, so the loss sums are those of the row."""
+  n = sharding.context_size()
+  if n == 1 or layout == "contiguous":
+    return batch, "contiguous"
+  t = batch["inputs"].shape[-1]
+  perm = jnp.asarray(ring.permutation(layout, n, t))
+  return {k: sharding.constrain(jnp.take(v, perm, axis=-1), ("batch", "length"))
+          for k, v in batch.items()}, layout
+
+
+def loss_sums(graphdef: nnx.GraphDef, params: dict, batch: Batch, z_loss: float = 0.0,
+              context_layout: str = "contiguous") -> tuple[jax.Array, dict[str, jax.Array]]:
   """(objective summed over target tokens, {ce_sum, z_sum, count}); all in float32."""
+  batch, layout = in_context_layout(batch, context_layout)
   logits_btv = model_lib.apply(graphdef, params, batch["inputs"], batch["positions"],
-                               batch["segment_ids"])
+                               batch["segment_ids"], layout)
   logz_bt = jax.nn.logsumexp(logits_btv, axis=-1)
   target_logit_bt = jnp.take_along_axis(logits_btv, batch["targets"][..., None], axis=-1)[..., 0]
   mask_bt = batch["loss_mask"].astype(jnp.float32)
@@ -62,8 +75,9 @@ def _microbatches(batch: Batch, n: int) -> Batch:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     lr_fn: optax.Schedule, microbatches: int = 1,
-                    z_loss: float = 0.0,
-                    ema_decay: float = 0.0) -> Callable[[State, Batch], tuple[State, dict]]:
+                    z_loss: float = 0.0, ema_decay: float = 0.0,
+                    context_layout: str = "contiguous"
+                    ) -> Callable[[State, Batch], tuple[State, dict]]:
   """Builds the pure step; train.py jits it once with explicit shardings and donation.
 
   ema_decay > 0: state["ema"] <- decay * ema + (1 - decay) * new params, after every update.
@@ -71,7 +85,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   counter (params, optimizer state and EMA stay as they were) and reports `skipped` = 1: one
   bad batch costs a step, never the run, and no non-finite value ever enters the state.
   """
-  grad_fn = jax.grad(lambda p, b: loss_sums(graphdef, p, b, z_loss), has_aux=True)
+  grad_fn = jax.grad(lambda p, b: loss_sums(graphdef, p, b, z_loss, context_layout),
+                     has_aux=True)
 
   def train_step(state: State, batch: Batch) -> tuple[State, dict]:
     params = state["params"]
@@ -120,9 +135,10 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[dict, Batch], dict[str, jax.Array]]:
+def make_eval_step(graphdef: nnx.GraphDef, context_layout: str = "contiguous"
+                   ) -> Callable[[dict, Batch], dict[str, jax.Array]]:
   """(params, batch) -> {ce_sum, count}: the caller averages over batches per target token."""
   def eval_step(params: dict, batch: Batch) -> dict[str, jax.Array]:
-    _, sums = loss_sums(graphdef, params, batch)
+    _, sums = loss_sums(graphdef, params, batch, context_layout=context_layout)
     return {"ce_sum": sums["ce_sum"], "count": sums["count"]}
   return eval_step

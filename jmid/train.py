@@ -75,9 +75,10 @@ def setup(c: config_lib.Config, mesh: jax.sharding.Mesh) -> Setup:
                         out_shardings=state_sh)
   train_step = jax.jit(
       steps.make_train_step(graphdef, tx, lr_fn, c.train.microbatches, c.optim.z_loss,
-                            c.train.ema_decay),
+                            c.train.ema_decay, c.mesh.context_layout),
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep), donate_argnums=0)
-  eval_step = jax.jit(steps.make_eval_step(graphdef), in_shardings=(param_sh, batch_sh))
+  eval_step = jax.jit(steps.make_eval_step(graphdef, c.mesh.context_layout),
+                      in_shardings=(param_sh, batch_sh))
   return Setup(graphdef, names, tx, lr_fn, param_sh, state_sh, batch_sh,
                ckpt_lib.abstract_with_shardings(abstract_state, state_sh), create, from_params,
                train_step, eval_step, mesh)
@@ -87,6 +88,7 @@ def check_runtime(c: config_lib.Config, mesh: jax.sharding.Mesh) -> None:
   """What depends on the devices: the batch must split over data*fsdp, microbatches and
   processes; cuDNN attention needs an NVIDIA GPU."""
   platform = mesh.devices.flat[0].platform
+  config_lib.check_context(c, int(mesh.shape["context"]))  # mesh.context=-1 resolved here
   if c.model.attention == "cudnn" and platform != "gpu":
     raise ConfigError(f"model.attention='cudnn' needs an NVIDIA GPU but this run has {platform} "
                       "devices; use model.attention='xla'")

@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
@@ -79,3 +80,18 @@ def fill(path: pathlib.Path) -> None:
         f.write(b"\0" * 4096)
     except OSError:
       pass
+
+
+def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """Two documents per row plus padding, in the batch format of DESIGN.md."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, (batch, seq + 1)).astype(np.int32)
+  cut, pad = seq // 3, seq - 2
+  seg = np.ones((batch, seq + 1), np.int32)
+  seg[:, cut:] = 2
+  seg[:, pad:] = 0
+  pos = np.where(seg == 2, np.arange(seq + 1) - cut, np.arange(seq + 1)).astype(np.int32)
+  pos[:, pad:] = 0
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": seg[:, :-1],
+          "positions": pos[:, :-1],
+          "loss_mask": ((seg[:, :-1] == seg[:, 1:]) & (seg[:, :-1] != 0)).astype(np.int32)}

@@ -25,6 +25,14 @@ CASES = [
      "model.attention='cudnn' needs an NVIDIA GPU"),
     (["--config.model.head_dim=192", "--config.model.attention=pallas"],
      "model.attention='pallas' needs a head width below 128 or a multiple of 128"),
+    (["--config.mesh.context=3"],
+     "data.seq_len=256 does not cut into 6 equal chunks for mesh.context=3 (2 per device"),
+    (["--config.mesh.context=4", "--config.mesh.fsdp=2", "--config.model.attention=pallas",
+      "--config.data.seq_len=320"], "gives ring chunks of 40 tokens, which the Pallas kernel"),
+    (["--config.mesh.context=-1", "--config.mesh.fsdp=1", "--config.data.seq_len=200"],
+     "data.seq_len=200 does not cut into 16 equal chunks for mesh.context=8"),
+    (["--config.mesh.context=2", "--config.mesh.context_layout=striped"],
+     "mesh.context_layout='striped': unknown"),
 ]
 
 

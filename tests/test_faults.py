@@ -162,7 +162,7 @@ def test_skipped_step_leaves_the_state_unchanged(tmp_path):
   cfg = config_lib.from_configdict(c)
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   su = train.setup(cfg, mesh)
-  from tests.test_steps import synthetic_batch
+  from tests.helpers import synthetic_batch
   with jax.set_mesh(mesh):
     state = su.create_state()
     before = jax.tree.map(np.asarray, {k: state[k] for k in ("params", "opt_state")})

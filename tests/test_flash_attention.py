@@ -140,7 +140,7 @@ def test_jmid_model_with_pallas_attention_matches_xla():
   from jmid import model as model_lib
   from jmid import steps
   from tests.helpers import tiny_config
-  from tests.test_sharding import synthetic_batch
+  from tests.helpers import synthetic_batch
   cfg = dataclasses.replace(tiny_config().model, sliding_window=6)
   batch = synthetic_batch(2, 16, cfg.vocab_size, seed=SEED)
   out = {}

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 from jmid import config as config_lib
 from jmid.errors import ConfigError
 from jmid import sharding, train
-from tests.helpers import tiny_configdict
+from tests.helpers import synthetic_batch, tiny_configdict
 
 
 def _config(data: int, fsdp: int, tensor: int, attention: str = "xla",
@@ -21,21 +21,6 @@ def _config(data: int, fsdp: int, tensor: int, attention: str = "xla",
   for k, v in train_kw.items():
     setattr(c.train, k, v)
   return config_lib.from_configdict(c)
-
-
-def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """Two documents per row plus padding, in the batch format of DESIGN.md."""
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(0, vocab, (batch, seq + 1)).astype(np.int32)
-  cut, pad = seq // 3, seq - 2
-  seg = np.ones((batch, seq + 1), np.int32)
-  seg[:, cut:] = 2
-  seg[:, pad:] = 0
-  pos = np.where(seg == 2, np.arange(seq + 1) - cut, np.arange(seq + 1)).astype(np.int32)
-  pos[:, pad:] = 0
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": seg[:, :-1],
-          "positions": pos[:, :-1],
-          "loss_mask": ((seg[:, :-1] == seg[:, 1:]) & (seg[:, :-1] != 0)).astype(np.int32)}
 
 
 def _losses(c: config_lib.Config, devices, n_steps: int = 3) -> list[float]:

@@ -7,7 +7,7 @@ import numpy as np
 from jmid import config as config_lib
 from jmid import sharding, train
 from tests.helpers import tiny_configdict
-from tests.test_sharding import synthetic_batch
+from tests.helpers import synthetic_batch
 
 
 def _run(microbatches: int, steps: int, same_batch: bool) -> list[float]:
