@@ -96,6 +96,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.train.max_skipped_steps = 10  # stop after this many consecutive non-finite steps (skipped)
   c.train.resume_step = -1  # resume from this earlier checkpoint; newer ones are moved aside
   c.train.allow_resume_changes = False  # resume despite a changed seq_len/batch/data sources
+  c.train.passkey_lengths = ()  # passkey retrieval at these lengths at every eval (jmid/passkey.py)
+  c.train.passkey_depths = (0.0, 0.25, 0.5, 0.75, 1.0)  # where the key hides, 0 = start
+  c.train.passkey_samples = 2  # keys per length and depth
 
   c.init = ConfigDict()
   c.init.from_path = ""  # another run's workdir or checkpoint step folder; "" = random init

@@ -163,6 +163,9 @@ class TrainConfig:
   max_skipped_steps: int = 10
   resume_step: int = -1
   allow_resume_changes: bool = False
+  passkey_lengths: tuple[int, ...] = ()
+  passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+  passkey_samples: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +200,11 @@ def _section(cls: type, name: str, d: dict[str, Any], defaults: bool = False) ->
   return cls(**d)
 
 
+def _tuples(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+  """Lists (what ConfigDict holds) as tuples, so the frozen config stays hashable."""
+  return {k: tuple(v) if k in keys and isinstance(v, (list, tuple)) else v for k, v in d.items()}
+
+
 def from_configdict(cfg: ConfigDict) -> Config:
   """Converts and validates; raises ConfigError with the offending key."""
   d = cfg.to_dict()
@@ -218,7 +226,8 @@ def from_configdict(cfg: ConfigDict) -> Config:
       mesh=_section(MeshConfig, "mesh", d.get("mesh", {})),
       data=_section(DataConfig, "data", data),
       optim=_section(OptimConfig, "optim", d.get("optim", {})),
-      train=_section(TrainConfig, "train", d.get("train", {})),
+      train=_section(TrainConfig, "train", _tuples(d.get("train", {}),
+                                                   ("passkey_lengths", "passkey_depths"))),
       init=_section(InitConfig, "init", d.get("init", {})),
   )
   validate(c)
@@ -250,17 +259,24 @@ def check_context(c: Config, n: int) -> None:
     return
   _check(c.model.attention != "cudnn", f"mesh.context={n}: model.attention='cudnn' cannot run "
          "inside ring attention; use model.attention='pallas' (or 'xla')")
-  chunks = c.mesh.context_chunks(n)
+  check_context_length(c.model.attention, c.mesh, n, c.data.seq_len, "data.seq_len")
+
+
+def check_context_length(attention: str, mesh: MeshConfig, n: int, length: int,
+                         key: str) -> None:
+  """`length` tokens (of data.seq_len, or a passkey length) must cut into the ring's chunks."""
+  if n == 1:
+    return
+  chunks = mesh.context_chunks(n)
   per = " (2 per device: the zigzag layout)" if chunks == 2 * n else ""
-  _check(c.data.seq_len % chunks == 0, f"data.seq_len={c.data.seq_len} does not cut into "
-         f"{chunks} equal chunks for mesh.context={n}{per}; use a multiple of {chunks}")
-  chunk = c.data.seq_len // chunks
-  _check(c.model.attention != "pallas" or chunk % KERNEL_TILE == 0
+  _check(length % chunks == 0, f"{key}={length} does not cut into {chunks} equal chunks for "
+         f"mesh.context={n}{per}; use a multiple of {chunks}")
+  chunk = length // chunks
+  _check(attention != "pallas" or chunk % KERNEL_TILE == 0
          or (chunk < KERNEL_TILE and chunk % KERNEL_ROWS == 0),
-         f"data.seq_len={c.data.seq_len} gives ring chunks of {chunk} tokens, which the Pallas "
-         f"kernel blocks do not tile; make the chunks a multiple of {KERNEL_TILE} (or of "
-         f"{KERNEL_ROWS} below {KERNEL_TILE}): data.seq_len a multiple of "
-         f"{chunks * KERNEL_TILE}")
+         f"{key}={length} gives ring chunks of {chunk} tokens, which the Pallas kernel blocks "
+         f"do not tile; make the chunks a multiple of {KERNEL_TILE} (or of {KERNEL_ROWS} below "
+         f"{KERNEL_TILE}): {key} a multiple of {chunks * KERNEL_TILE}")
 
 
 def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
@@ -364,6 +380,14 @@ def validate(c: Config) -> None:
   _check(t.resume_step >= -1, f"train.resume_step={t.resume_step}: a checkpoint step of this "
          "workdir, or -1 for the latest")
 
+  _check(all(isinstance(n, int) and n > 0 for n in t.passkey_lengths),
+         f"train.passkey_lengths={t.passkey_lengths}: positive token counts, e.g. (1024, 4096)")
+  _check(bool(t.passkey_depths) and all(0 <= d <= 1 for d in t.passkey_depths),
+         f"train.passkey_depths={t.passkey_depths}: fractions in [0, 1], e.g. (0, 0.5, 1)")
+  _check(t.passkey_samples > 0, f"train.passkey_samples={t.passkey_samples}: must be > 0")
+  if c.mesh.context > 1:
+    for n in t.passkey_lengths:
+      check_context_length(c.model.attention, c.mesh, c.mesh.context, n, "train.passkey_lengths")
   _check(0 <= t.ema_decay < 1,
          f"train.ema_decay={t.ema_decay}: must be in [0, 1) (0 = no EMA)")
   _choice("init.load", c.init.load, LOADS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -16,7 +17,7 @@ from jmid import checkpoint as ckpt_lib
 from jmid import cli
 from jmid import config as config_lib
 from jmid import metrics as metrics_lib
-from jmid import distributed, resume, sharding, steps
+from jmid import distributed, passkey, resume, sharding, steps
 from jmid import workdir as workdir_lib
 from jmid.data import pipeline
 from jmid.errors import UserError, first_line, os_problem
@@ -77,6 +78,18 @@ class _SkipWatch:
         f"--config.train.resume_step=N (checkpoints: {', '.join(map(str, have)) or 'none'})")
 
 
+def _passkey_eval(c: Any, su: Any, tokenizer: Any) -> Callable[[dict], dict[str, float]]:
+  """params -> {eval/passkey/<length>: accuracy} (nothing without train.passkey_lengths)."""
+  t = c.train
+  if not t.passkey_lengths:
+    return lambda params: {}
+  predict = passkey.make_predict(su.graphdef, su.param_sh, su.mesh, c.mesh.context_layout)
+  rows = sharding.batch_divisor(su.mesh)
+  return lambda params: passkey.summary(passkey.evaluate(
+      lambda x: predict(params, x), tokenizer, t.passkey_lengths, t.passkey_depths,
+      t.passkey_samples, c.run.seed, rows))
+
+
 def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> dict[str, Any]:
   """The training loop; only log and save steps synchronise with the device.
 
@@ -97,6 +110,7 @@ def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> d
   evaluator = metrics_lib.Evaluator(su.eval_step, eval_sets,
                                     pipeline.bytes_per_token(c.data, run.srcs, c.run.seed))
   baseline = pipeline.unigram_loss(c.data, run.srcs, c.run.seed, c.model.vocab_size)
+  passkey_eval = _passkey_eval(c, su, run.srcs.tokenizer)
   writer = metrics_lib.MetricsWriter(c.run.workdir, c.train.steps, run.start, main_process)
   tokens_per_step = c.train.global_batch * c.data.seq_len
   flops = metrics_lib.flops_per_token(c.model, c.data.seq_len)
@@ -163,6 +177,7 @@ def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> d
         if eval_now:
           t0 = time.perf_counter()
           record.update(evaluator(run.state["params"]))
+          record.update(passkey_eval(run.state["params"]))
           record["eval/unigram_baseline"] = baseline
           watch.paused += time.perf_counter() - t0
         eta = (c.train.steps - step) * dt / since_log if since_log else float("nan")

@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -37,15 +38,20 @@ def init_state(params: dict, tx: optax.GradientTransformation, ema: bool = False
   return state
 
 
+def context_permutation(layout: str, t: int) -> np.ndarray | None:
+  """The token order of rows of length t that ring attention wants under the current mesh
+  (jmid.ring.permutation), or None when the rows stay as they are."""
+  n = sharding.context_size()
+  return None if n == 1 or layout == "contiguous" else ring.permutation(layout, n, t)
+
+
 def in_context_layout(batch: Batch, layout: str) -> tuple[Batch, str]:
   """The batch's rows in the token order ring attention wants under the current mesh, and the
   layout to tell the model. Every key moves alike, so the loss sums are those of the row."""
-  n = sharding.context_size()
-  if n == 1 or layout == "contiguous":
+  perm = context_permutation(layout, batch["inputs"].shape[-1])
+  if perm is None:
     return batch, "contiguous"
-  t = batch["inputs"].shape[-1]
-  perm = jnp.asarray(ring.permutation(layout, n, t))
-  return {k: sharding.constrain(jnp.take(v, perm, axis=-1), ("batch", "length"))
+  return {k: sharding.constrain(jnp.take(v, jnp.asarray(perm), axis=-1), ("batch", "length"))
           for k, v in batch.items()}, layout
 
 

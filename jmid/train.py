@@ -27,7 +27,7 @@ from jmid import checkpoint as ckpt_lib
 from jmid import config as config_lib
 from jmid import distributed
 from jmid import model as model_lib
-from jmid import handoff, loop, optim, plan, resume, sharding, steps
+from jmid import handoff, loop, optim, passkey, plan, resume, sharding, steps
 from jmid import workdir as workdir_lib
 from jmid.errors import ConfigError, UserError
 from jmid.data import pipeline
@@ -88,7 +88,10 @@ def check_runtime(c: config_lib.Config, mesh: jax.sharding.Mesh) -> None:
   """What depends on the devices: the batch must split over data*fsdp, microbatches and
   processes; cuDNN attention needs an NVIDIA GPU."""
   platform = mesh.devices.flat[0].platform
-  config_lib.check_context(c, int(mesh.shape["context"]))  # mesh.context=-1 resolved here
+  n = int(mesh.shape["context"])  # mesh.context=-1 resolved
+  config_lib.check_context(c, n)
+  for length in c.train.passkey_lengths:
+    config_lib.check_context_length(c.model.attention, c.mesh, n, length, "train.passkey_lengths")
   if c.model.attention == "cudnn" and platform != "gpu":
     raise ConfigError(f"model.attention='cudnn' needs an NVIDIA GPU but this run has {platform} "
                       "devices; use model.attention='xla'")
@@ -146,6 +149,8 @@ def _start(c: config_lib.Config, signals: cli.StopFlag) -> loop.Started:
     signals.check()
     srcs = pipeline.open_sources(c.data)
     pipeline.check_vocab(srcs, c.model.vocab_size)
+    passkey.check_lengths(c.train.passkey_lengths, c.data.seq_len, srcs.tokenizer,
+                          "train.passkey_lengths")
     signals.check()
     ckpt_dir = os.path.join(c.run.workdir, "checkpoints")
     rolled = resume.rollback(ckpt_dir, c.train.resume_step) \
