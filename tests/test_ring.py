@@ -153,8 +153,8 @@ def test_a_model_on_a_context_axis_trains_as_on_one_device(fsdp, layout):
   assert one[0][-1] < one[0][0]  # and it trains
 
 
-def test_context_with_gqa_heads_over_tensor_and_a_window():
-  c = tiny_configdict(n_heads=4, n_kv_heads=2, sliding_window=5)
+def test_context_with_gqa_heads_over_tensor_a_window_and_remat():
+  c = tiny_configdict(n_heads=4, n_kv_heads=2, sliding_window=5, remat="full")
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.context = 1, 1, 2, 4
   c.data.seq_len, c.train.global_batch = 32, 4
   many = config_lib.from_configdict(c)
