@@ -8,6 +8,7 @@ and no NaN appears; its loss is masked elsewhere.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -43,45 +44,44 @@ def _xla(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, mask_b1ts: jax
   return o_btkgd.reshape(b, t, hq, d)
 
 
+def _per_device(call: Callable[..., jax.Array], q_bthd: jax.Array, k_bshd: jax.Array,
+                v_bshd: jax.Array, segment_ids_bt: jax.Array, mesh: jax.sharding.AbstractMesh,
+                length: str | None) -> jax.Array:
+  """call(q, k, v, segment_ids) on each device's slice in shard_map: rows split as the batch
+  is, heads as the tensor axis splits them (both or neither of q and kv heads, to keep the GQA
+  groups whole), the sequence whole (length=None) or over its `length` axes (ring attention)."""
+  sizes = dict(mesh.shape)
+  q_spec = sharding.logical_spec(("batch", length, "heads", None), q_bthd.shape, sizes)
+  kv_spec = sharding.logical_spec(("batch", length, "kv_heads", None), k_bshd.shape, sizes)
+  if q_spec[2] != kv_spec[2]:
+    q_spec, kv_spec = P(*q_spec[:2], None, None), P(*kv_spec[:2], None, None)
+  return jax.shard_map(call, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(*q_spec[:2])),
+                       out_specs=q_spec, check_vma=False)(q_bthd, k_bshd, v_bshd, segment_ids_bt)
+
+
 def _pallas(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, segment_ids_bt: jax.Array,
             causal: bool, window: int, scale: float) -> jax.Array:
-  """Our kernel (Triton on GPU, Mosaic on TPU, interpreted on CPU), per device under a mesh.
-
-  XLA cannot partition a Pallas call (it would gather every operand to every device), so under
-  a mesh it runs in shard_map: rows split as the batch is, heads as the tensor axis splits them
-  (both or neither of q and kv heads, to keep the GQA groups whole), the sequence whole.
-  """
+  """Our kernel (Triton on GPU, Mosaic on TPU, interpreted on CPU), per device under a mesh:
+  XLA cannot partition a Pallas call (it would gather every operand to every device)."""
   from pallas_kernels import flash_attention
   call = lambda q, k, v, s: flash_attention(q, k, v, segment_ids=s, causal=causal,  # noqa: E731
                                             window=window or None, scale=scale)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return call(q_bthd, k_bshd, v_bshd, segment_ids_bt)
-  sizes = dict(mesh.shape)
-  q_spec = sharding.logical_spec(("batch", None, "heads", None), q_bthd.shape, sizes)
-  kv_spec = sharding.logical_spec(("batch", None, "kv_heads", None), k_bshd.shape, sizes)
-  if q_spec[2] != kv_spec[2]:
-    q_spec, kv_spec = P(q_spec[0], None, None, None), P(kv_spec[0], None, None, None)
-  return jax.shard_map(call, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(q_spec[0], None)),
-                       out_specs=q_spec, check_vma=False)(q_bthd, k_bshd, v_bshd, segment_ids_bt)
+  return _per_device(call, q_bthd, k_bshd, v_bshd, segment_ids_bt, mesh, None)
 
 
 def _ring(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, segment_ids_bt: jax.Array,
           implementation: str, causal: bool, window: int, scale: float, layout: str,
           mesh: jax.sharding.AbstractMesh) -> jax.Array:
-  """Ring attention (jmid.ring) over the `context` axis, rows and heads split as in _pallas;
-  the rows arrive in `layout`'s token order (steps.loss_sums puts them so)."""
-  sizes = dict(mesh.shape)
+  """Ring attention (jmid.ring) over the `context` axis; the rows arrive in `layout`'s token
+  order (steps.in_context_layout puts them so)."""
   (axis,) = sharding.RULES["length"]
-  q_spec = sharding.logical_spec(("batch", "length", "heads", None), q_bthd.shape, sizes)
-  kv_spec = sharding.logical_spec(("batch", "length", "kv_heads", None), k_bshd.shape, sizes)
-  if q_spec[2] != kv_spec[2]:
-    q_spec, kv_spec = P(*q_spec[:2], None, None), P(*kv_spec[:2], None, None)
-  call = functools.partial(ring.ring_attention, axis=axis, n=sizes[axis],
+  call = functools.partial(ring.ring_attention, axis=axis, n=dict(mesh.shape)[axis],
                            layout=layout, causal=causal, window=window, scale=scale,
                            implementation=implementation)
-  return jax.shard_map(call, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(*q_spec[:2])),
-                       out_specs=q_spec, check_vma=False)(q_bthd, k_bshd, v_bshd, segment_ids_bt)
+  return _per_device(call, q_bthd, k_bshd, v_bshd, segment_ids_bt, mesh, "length")
 
 
 def attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,

@@ -11,9 +11,10 @@ depths and filler come from a seed through the run's own tokenizer: no download.
         [--depths=0,0.25,0.5,0.75,1] [--samples=4] [--context=N] [--out=passkey.json]
 
 prints a length x depth table and writes JSON (default: passkey-<step>.json in the run);
---workdir may be a run, a step folder or a Hugging Face folder; --context=N splits each
-sequence over N of the local devices (ring attention) for lengths one device cannot hold. In training, train.passkey_lengths adds `eval/passkey/<length>` (accuracy
-averaged over depths) to every eval.
+--workdir may be a run, a step folder or a Hugging Face folder (--tokenizer=T replaces its
+tokenizer.json); --context=N splits each sequence over N of the local devices (ring
+attention) for lengths one device cannot hold. In training, train.passkey_lengths adds
+`eval/passkey/<length>` (accuracy averaged over depths) to every eval.
 """
 
 from __future__ import annotations
@@ -169,9 +170,12 @@ class Loaded:
   out: str  # the default JSON path
 
 
-def _load(path: str, step: int | None, context: int, layout: str) -> Loaded:
+def _load(path: str, step: int | None, context: int, layout: str, tokenizer: str = ""
+          ) -> Loaded:
   """A run (its latest or --step checkpoint), a step folder or a Hugging Face folder, with
-  params sharded over every local device (fsdp) and the sequence over `context` of them."""
+  params sharded over every local device (fsdp) and the sequence over `context` of them.
+  `tokenizer` overrides the model's own (the run's data.tokenizer, the folder's
+  tokenizer.json)."""
   from jmid import checkpoint as ckpt_lib
   from jmid import config as config_lib
   from jmid import handoff, hf, sharding
@@ -187,13 +191,17 @@ def _load(path: str, step: int | None, context: int, layout: str) -> Loaded:
     fields = hf.model_fields(source.meta["hf_config"], source.step_dir)
     model = config_lib.ModelConfig(**{**_MODEL_DEFAULTS, **fields})
     tok_file = os.path.join(source.step_dir, "tokenizer.json")
-    tokenizer = tok_file if os.path.isfile(tok_file) else "byte"
+    if not tokenizer and not os.path.isfile(tok_file):
+      raise UserError(f"{source.step_dir} has no tokenizer.json; passkey prompts need the "
+                      "model's own tokenizer: give --tokenizer=PATH (or 'byte')")
+    tokenizer = tokenizer or tok_file
     trained = int(source.meta["hf_config"].get("max_position_embeddings") or 4096)
     out = os.path.abspath(f"passkey-{os.path.basename(source.step_dir)}.json")
   else:
     saved = source.meta["config"]
     model = config_lib.ModelConfig(**source.meta["model"])
-    tokenizer, trained = saved["data"]["tokenizer"], int(saved["data"]["seq_len"])
+    tokenizer = tokenizer or saved["data"]["tokenizer"]
+    trained = int(saved["data"]["seq_len"])
     run_dir = os.path.dirname(os.path.dirname(source.step_dir))
     out = os.path.join(run_dir, f"passkey-{os.path.basename(source.step_dir)}.json")
   tok = load_tokenizer(tokenizer)
@@ -220,11 +228,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
   usage = ("usage: python -m jmid.passkey --workdir=RUN_OR_FOLDER [--step=S] --lengths=L1,L2 "
-           "[--depths=0,0.5,1] [--samples=4] [--context=N] [--layout=zigzag] [--seed=0] "
-           "[--out=FILE.json]")
+           "[--depths=0,0.5,1] [--samples=4] [--context=N] [--layout=zigzag] [--tokenizer=T] "
+           "[--seed=0] [--out=FILE.json]")
   opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
   unknown = set(opts) - {"workdir", "step", "lengths", "depths", "samples", "context", "layout",
-                         "seed", "out"}
+                         "tokenizer", "seed", "out"}
   if unknown or "workdir" not in opts or "lengths" not in opts or len(opts) != len(argv):
     raise UserError(usage)
   try:
@@ -244,7 +252,7 @@ def _main(argv: list[str]) -> int:
   if layout not in config_lib.CONTEXT_LAYOUTS:
     raise UserError(f"--layout={layout}: use one of {', '.join(config_lib.CONTEXT_LAYOUTS)}")
   with cli.STOP.installed():
-    run = _load(opts["workdir"], step, context, layout)
+    run = _load(opts["workdir"], step, context, layout, opts.get("tokenizer", ""))
     check_lengths(lengths, run.trained, run.tokenizer, run.where)
     n = int(run.mesh.shape["context"])
     for length in lengths:  # a ConfigError is a UserError: one line

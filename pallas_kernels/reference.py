@@ -36,10 +36,11 @@ def split_segments(segment_ids: SegmentIds, b: int, t: int,
 
 
 def visible(q_seg_bt: jax.Array, kv_seg_bs: jax.Array, causal: bool,
-            window: int | None) -> jax.Array:
-  """[B, T, S] bool: which keys each query may attend to."""
+            window: int | None, offset: int | None = None) -> jax.Array:
+  """[B, T, S] bool: which keys each query may attend to; query i sits at key position
+  i + offset (default S - T: the ends aligned)."""
   t, s = q_seg_bt.shape[1], kv_seg_bs.shape[1]
-  q_pos = jnp.arange(t)[:, None] + (s - t)
+  q_pos = jnp.arange(t)[:, None] + (s - t if offset is None else offset)
   k_pos = jnp.arange(s)[None, :]
   mask = q_seg_bt[:, :, None] == kv_seg_bs[:, None, :]
   if causal:
@@ -61,56 +62,47 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
     raise ValueError(f"{hq} query heads are not a multiple of {hkv} kv heads")
   scale = d ** -0.5 if scale is None else scale
   q_seg, kv_seg = split_segments(segment_ids, b, t, s)
-  g = hq // hkv
-  q5 = q.reshape(b, t, hkv, g, d).astype(jnp.float32)
+  logits = _logits(q, k, scale, softcap)
+  o, lse = _softmax(logits, visible(q_seg, kv_seg, causal, window)[:, None, None], v, q.dtype)
+  return (o, lse) if return_lse else o
+
+
+def _logits(q: jax.Array, k: jax.Array, scale: float, softcap: float | None) -> jax.Array:
+  """[B, Hkv, G, T, S] float32 scaled (and softcapped) logits; GQA without repeating K."""
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  q5 = q.reshape(b, t, hkv, hq // hkv, d).astype(jnp.float32)
   logits = jnp.einsum("btkgd,bskd->bkgts", q5, k.astype(jnp.float32)) * scale
-  if softcap:
-    logits = softcap * jnp.tanh(logits / softcap)
-  mask = visible(q_seg, kv_seg, causal, window)[:, None, None]
+  return softcap * jnp.tanh(logits / softcap) if softcap else logits
+
+
+def _softmax(logits: jax.Array, mask: jax.Array, v: jax.Array, dtype: jnp.dtype
+             ) -> tuple[jax.Array, jax.Array]:
+  """(o [B, T, Hq, D] in dtype, logsumexp [B, Hq, T]) of masked logits; a query that sees
+  no key gets 0 and -inf, never NaN."""
+  b, hkv, g, t, _ = logits.shape
   logits = jnp.where(mask, logits, -jnp.inf)
   m = jnp.max(logits, axis=-1, keepdims=True)
   m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
   p = jnp.exp(logits - m_safe)
   l = jnp.sum(p, axis=-1, keepdims=True)
   o = jnp.einsum("bkgts,bskd->btkgd", p / jnp.where(l > 0, l, 1.0), v.astype(jnp.float32))
-  o = o.reshape(b, t, hq, d).astype(q.dtype)
-  if not return_lse:
-    return o
   lse = jnp.where(l > 0, jnp.log(jnp.where(l > 0, l, 1.0)) + m_safe, -jnp.inf)[..., 0]
-  return o, lse.reshape(b, hq, t)
+  return o.reshape(b, t, hkv * g, -1).astype(dtype), lse.reshape(b, hkv * g, t)
 
 
 def _block_logits(cfg, q, k, q_seg, kv_seg) -> tuple[jax.Array, jax.Array]:
   """(logits [B, Hkv, G, T, S] float32, visibility broadcastable to them) under `cfg`, whose
   offset places query i at key position i + cfg.offset (any integer)."""
-  b, t, hq, d = q.shape
-  hkv = k.shape[2]
-  q5 = q.reshape(b, t, hkv, hq // hkv, d).astype(jnp.float32)
-  raw = jnp.einsum("btkgd,bskd->bkgts", q5, k.astype(jnp.float32)) * cfg.scale
-  logits = cfg.softcap * jnp.tanh(raw / cfg.softcap) if cfg.softcap else raw
-  q_pos = jnp.arange(t)[:, None] + cfg.offset
-  k_pos = jnp.arange(k.shape[1])[None, :]
-  mask = q_seg[:, :, None] == kv_seg[:, None, :]
-  if cfg.causal:
-    mask = mask & (k_pos <= q_pos)[None]
-  if cfg.window:
-    mask = mask & (q_pos - k_pos < cfg.window)[None]
-  return logits, mask[:, None, None]
+  mask = visible(q_seg, kv_seg, cfg.causal, cfg.window, cfg.offset)
+  return _logits(q, k, cfg.scale, cfg.softcap), mask[:, None, None]
 
 
 def block_forward(cfg, q, k, v, q_seg, kv_seg) -> tuple[jax.Array, jax.Array]:
   """The kernels' forward interface (pallas_kernels.blocks.Cfg, q/kv segment ids) in jnp:
   (o [B, T, Hq, D], logsumexp [B, Hq, T] float32). Ring attention's 'xla' blocks."""
-  b, t, hq, d = q.shape
   logits, mask = _block_logits(cfg, q, k, q_seg, kv_seg)
-  logits = jnp.where(mask, logits, -jnp.inf)
-  m = jnp.max(logits, axis=-1, keepdims=True)
-  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.exp(logits - m_safe)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  o = jnp.einsum("bkgts,bskd->btkgd", p / jnp.where(l > 0, l, 1.0), v.astype(jnp.float32))
-  lse = jnp.where(l > 0, jnp.log(jnp.where(l > 0, l, 1.0)) + m_safe, -jnp.inf)[..., 0]
-  return o.reshape(b, t, hq, d).astype(q.dtype), lse.reshape(b, hq, t)
+  return _softmax(logits, mask, v, q.dtype)
 
 
 def block_backward(cfg, q, k, v, q_seg, kv_seg, o, lse, do, dlse

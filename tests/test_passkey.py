@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jmid import config as config_lib
-from jmid import passkey, sharding, train
+from jmid import export, passkey, sharding, train
 from jmid import model as model_lib
 from jmid.data.tokenizer import ByteTokenizer
 from jmid.errors import UserError
@@ -76,6 +76,7 @@ def test_predictions_on_a_context_axis_equal_one_device():
   assert np.array_equal(out[1], out[0]) and np.array_equal(out[2], out[0])
 
 
+@pytest.mark.slow
 def test_passkey_in_training_and_standalone(tmp_path, cache_dir):
   c = run_configdict(tmp_path / "run", cache_dir, steps=3, evals=False)
   c.data.seq_len = 64  # reach: 8 x 64 tokens, room for the prompt (about 230 bytes)
@@ -88,15 +89,25 @@ def test_passkey_in_training_and_standalone(tmp_path, cache_dir):
   assert 0.0 <= last["eval/passkey/256"] <= 1.0 and "eval/passkey/320" in last
 
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  def cmd(*args):
-    return subprocess.run([sys.executable, "-m", "jmid.passkey", f"--workdir={tmp_path / 'run'}",
-                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  def cmd(*args, workdir=tmp_path / "run"):
+    return subprocess.run([sys.executable, "-m", "jmid.passkey", f"--workdir={workdir}", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   proc = cmd("--lengths=256,384", "--depths=0,0.5,1", "--samples=1", "--context=2")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "length | depth 0 | depth 0.5 | depth 1 | mean" in proc.stdout
   with open(tmp_path / "run" / "passkey-3.json") as f:
     record = json.load(f)
   assert set(record["table"]) == {"256", "384"} and "eval/passkey/384" in record
+
+  hf_dir = tmp_path / "hf"  # the same model as a Hugging Face folder: the same table
+  export.export(str(tmp_path / "run"), str(hf_dir))
+  proc = cmd("--lengths=256,384", "--depths=0,0.5,1", "--samples=1", workdir=hf_dir)
+  assert proc.returncode == 2 and "has no tokenizer.json" in proc.stderr.splitlines()[-1]
+  proc = cmd("--lengths=256,384", "--depths=0,0.5,1", "--samples=1", "--tokenizer=byte",
+             f"--out={tmp_path / 'hf.json'}", workdir=hf_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "hf.json") as f:
+    assert json.load(f)["table"] == record["table"]
   for args, expected in [(["--lengths=4096"], "beyond this model's reach (8x its trained "
                            "context of 64 tokens)"),
                          (["--lengths=30"], "must be an integer above the prompt's fixed text"),
