@@ -19,11 +19,14 @@ array, `average --out=DIR CKPT...` averages params (jmid/averaging.py).
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import re
 import shutil
 import sys
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -87,11 +90,8 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
                "jmid.checkpoint info shows them), or a fresh run.workdir")
   meta = read_meta(path)
   as_saved = _as_saved(abstract_state, saved_arrays(path))
-  _quiet_abandoned_reads()
-  try:
-    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(as_saved)))
-  except Exception as e:  # orbax/tensorstore raise many types for damaged files
-    raise _read_error(e, path) from None
+  out = _orbax_read(path, lambda: manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(as_saved))))
   state = _cast(verify_tree(path, out["state"], meta), abstract_state)
   _restore_data(manager, step, path, data_iter)
   return state, meta
@@ -282,13 +282,21 @@ def read_array(step_dir: str, key: str, meta: dict[str, Any] | None = None,
 
 def _read(step_dir: str, target: Any, restore_args: Any, partial: bool) -> Any:
   """state/ read by Orbax; any failure becomes one line (_read_error)."""
+  return _orbax_read(step_dir, lambda: ocp.PyTreeCheckpointer().restore(
+      os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+          item=target, restore_args=restore_args, partial_restore=partial)))
+
+
+def _orbax_read(step_dir: str, read: Callable[[], Any]) -> Any:
+  """read(), an Orbax restore of step_dir; any failure becomes one line (_read_error), after
+  what the failed read abandoned is cleaned up."""
   _quiet_abandoned_reads()
   try:
-    return ocp.PyTreeCheckpointer().restore(
-        os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
-            item=target, restore_args=restore_args, partial_restore=partial))
+    return read()
   except Exception as e:  # orbax/tensorstore raise many types for damaged files
-    raise _read_error(e, step_dir) from None
+    error = _read_error(e, step_dir)
+  _collect_abandoned_reads()  # outside the except block: its traceback holds them
+  raise error
 
 
 def _as_saved(target: Any, saved: dict[str, jax.ShapeDtypeStruct]) -> Any:
@@ -319,6 +327,18 @@ def _read_error(e: BaseException, step_dir: str) -> UserError:
   arrays = sorted(set(re.findall(r'reading "([^"/]+)/', str(chain[-1]))))
   what = names(arrays) if arrays else "state/"
   return DamagedCheckpoint(step_dir, f"{what} cannot be read ({reason})")
+
+
+def _collect_abandoned_reads() -> None:
+  """A failed Orbax read also leaves coroutines it never awaited. Collected later, wherever the
+  garbage collector happens to run, their 'never awaited' warning runs Python code at that
+  moment: inside ast.parse (the demo corpus build) that crashed CPython 3.11 with "AST
+  constructor recursion depth mismatch". Collect them now, at the failure, and say nothing:
+  the one-line error already says what failed."""
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                            category=RuntimeWarning)
+    gc.collect()
 
 
 def _quiet_abandoned_reads() -> None:

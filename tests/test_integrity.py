@@ -3,6 +3,7 @@ on disk; a resume falls back to the newest intact step and leaves the damaged on
 verify, info, export, average and init.from_path of a damaged checkpoint end in one line.
 """
 
+import gc
 import hashlib
 import json
 import os
@@ -287,3 +288,20 @@ def test_reads_orbax_abandons_after_a_failure_print_nothing(capsys):
                "Encountered error while reading array index: (slice(0, 2, 1),). See full"):
     _RaisesWhenDropped(text)  # dropped at once: its __del__ raises what those reads raise
   assert capsys.readouterr().err == ""
+
+
+def test_a_failed_read_leaves_no_coroutine_to_be_collected_later(tmp_path, source):
+  """A failed Orbax read abandons coroutines it never awaited; collected at some later moment,
+  their 'never awaited' warning ran inside ast.parse and crashed CPython 3.11 (a SystemError
+  in the next test's demo corpus build). They are collected at the failure instead."""
+  w = tmp_path / "w"
+  shutil.copytree(source, w)
+  step_dir = w / "checkpoints" / str(STEPS)
+  data = step_dir / "state" / "ocdbt.process_0" / "d"
+  for f in data.iterdir():
+    os.truncate(f, f.stat().st_size // 3)
+  with pytest.raises(DamagedCheckpoint):
+    for key in ("params.embed", "params.blocks.wq", "params.blocks.w_up", "params.blocks.w_down"):
+      ckpt_lib.read_array(str(step_dir), key)
+  alive = [o for o in gc.get_objects() if isinstance(o, types.CoroutineType)]
+  assert not alive, [o.__qualname__ for o in alive]
