@@ -194,8 +194,19 @@ def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> d
     except Exception as e:
       raise _save_failed(e, manager) from None
     check_saves()
-  finally:
+  except UserError:
+    _close_quietly(writer)  # a close failing as well (the same full disk) must not hide it
+    raise
+  except Exception as e:
+    _close_quietly(writer)
+    cause = os_problem(e)
+    if cause is None:
+      raise
+    raise UserError(f"{cause}; the run stopped and {_resume_point(manager)}: fix that and run "
+                    "the same command to resume") from None
+  else:
     writer.close()
+  finally:
     _close_quietly(manager)
   if main_process and "eval/loss" in last and not signals.signum:
     print(f"jmid: done at step {last['step']}: eval loss {last['eval/loss']:.4f} "
@@ -207,15 +218,24 @@ def _save_failed(e: BaseException, manager: Any) -> UserError:
   """A failed save as one line: where, why, and the checkpoint a resume will start from."""
   where = str(manager.directory)
   cause = os_problem(e, where) or f"{where}: {first_line(e)}"
-  good = resume.checkpoint_steps(where)
-  back = f"step {good[-1]} is the last good checkpoint" if good else "no checkpoint was kept"
-  return UserError(f"saving a checkpoint failed ({cause}); the run stopped and {back}: fix "
-                   "that and run the same command to resume")
+  return UserError(f"saving a checkpoint failed ({cause}); the run stopped and "
+                   f"{_resume_point(manager)}: fix that and run the same command to resume")
 
 
-def _close_quietly(manager: Any) -> None:
-  """Closes the manager; a save error it re-raises was already reported (or is the reason)."""
+def _resume_point(manager: Any) -> str:
+  """The checkpoint a resume starts from, once a save still in flight has ended either way."""
   try:
-    manager.close()
+    manager.wait_until_finished()
+  except Exception:
+    pass  # that save failed: it is not a checkpoint, and the caller reports why
+  good = resume.checkpoint_steps(str(manager.directory))
+  return f"step {good[-1]} is the last good checkpoint" if good else "no checkpoint was kept"
+
+
+def _close_quietly(closable: Any) -> None:
+  """Closes a checkpoint manager or metrics writer while an error is already on its way (or was
+  reported): a second failure of the same cause, re-raised on close, must not replace it."""
+  try:
+    closable.close()
   except Exception:
     pass

@@ -61,8 +61,7 @@ class MetricsWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     self._truncate_after(start_step)
-    from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._tb = TensorBoard(os.path.join(workdir, "tensorboard"))
 
   def _truncate_after(self, step: int) -> None:
     if not os.path.exists(self.path):
@@ -84,9 +83,8 @@ class MetricsWriter:
         f.write(json.dumps(record) + "\n")
     except OSError as e:  # name the file: a full disk's error carries no path
       raise OSError(e.errno, e.strerror, self.path) from None
-    for key, value in record.items():
-      if key != "step" and isinstance(value, (int, float)) and value is not None:
-        self._tb.add_scalar(key, value, step)
+    self._tb.write(step, {k: v for k, v in record.items()
+                          if k != "step" and isinstance(v, (int, float))})
     if console:
       print(self.line(step, record, eta_seconds), flush=True)
 
@@ -109,7 +107,41 @@ class MetricsWriter:
 
   def close(self) -> None:
     if self._tb is not None:
-      self._tb.close()
+      tb, self._tb = self._tb, None
+      tb.close()
+
+
+class TensorBoard:
+  """Scalars in a TensorBoard event file, written and flushed in the caller's thread at each
+  log step. tensorboardX's SummaryWriter flushes from its own thread: there a full disk is a
+  traceback on stderr that no caller can catch, and the events written after it are lost."""
+
+  def __init__(self, logdir: str) -> None:
+    from tensorboardX.event_file_writer import EventsWriter  # lazily: only process 0 writes
+    self.logdir = logdir
+    os.makedirs(logdir, exist_ok=True)
+    self._file = self._guard(lambda: EventsWriter(os.path.join(logdir, "events")))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.summary import scalar
+    now = time.time()
+    events = [Event(wall_time=now, step=step, summary=scalar(k, v)) for k, v in scalars.items()]
+
+    def write_and_flush() -> None:
+      for event in events:
+        self._file.write_event(event)
+      self._file.flush()
+    self._guard(write_and_flush)
+
+  def close(self) -> None:
+    self._guard(self._file.close)
+
+  def _guard(self, fn: Any) -> Any:
+    try:
+      return fn()
+    except OSError as e:  # name the folder: a failed flush carries no path
+      raise OSError(e.errno, e.strerror, self.logdir) from None
 
 
 def _num(v: Any, fmt: str) -> str:

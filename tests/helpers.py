@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
+import struct
 import subprocess
 from collections.abc import Iterator
 
@@ -80,6 +81,23 @@ def fill(path: pathlib.Path) -> None:
         f.write(b"\0" * 4096)
     except OSError:
       pass
+
+
+def tensorboard_scalars(logdir: pathlib.Path) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} read back from the TFRecord event files in `logdir`, framing checked
+  (length, data, two CRCs): what TensorBoard itself would load."""
+  from tensorboardX.proto.event_pb2 import Event
+  out: dict[str, dict[int, float]] = {}
+  for path in sorted(logdir.glob("events.out.tfevents.*")):
+    data, at = path.read_bytes(), 0
+    while at < len(data):
+      (n,) = struct.unpack("<Q", data[at:at + 8])
+      event = Event.FromString(data[at + 12:at + 12 + n])
+      at += 12 + n + 4
+      for v in event.summary.value:
+        out.setdefault(v.tag, {})[event.step] = v.simple_value
+    assert at == len(data), f"{path}: a torn record"
+  return out
 
 
 def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:

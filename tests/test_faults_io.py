@@ -8,6 +8,7 @@ Full and read-only volumes are real tmpfs mounts (tests.helpers.small_fs; needs 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 
 from jmid import cli, export, handoff, hf
+from jmid import metrics as metrics_lib
 from jmid.config import DataConfig, SourceConfig
 from jmid.data import pipeline, prepare
 from jmid.data.tokenfile import write_token_file
@@ -355,3 +357,16 @@ def test_a_packer_that_cannot_allocate_fails_once(monkeypatch):
     iter(mixture.ScheduledMixIterDataset([NoMemory()], sched, 2, 0))
   gc.collect()
   assert unraisable == []
+
+
+def test_metrics_on_a_full_disk_fail_in_the_caller_naming_the_file(tmp_path):
+  # TensorBoard events are flushed by the writer itself, not by a thread whose failure would be
+  # a traceback nobody can catch: the loop gets one OSError naming where it could not write
+  with small_fs(tmp_path / "vol", 256) as vol:
+    writer = metrics_lib.MetricsWriter(str(vol / "run"), 10, 0)
+    writer.write(1, {"loss": 1.0}, console=False)
+    fill(vol)
+    with pytest.raises(OSError) as e:  # more than the slack left in each file's last page
+      writer.write(2, {f"eval/source{i}/loss": 1.0 for i in range(400)}, console=False)
+    assert e.value.errno == errno.ENOSPC
+    assert e.value.filename in (str(vol / "run" / "metrics.jsonl"), str(vol / "run" / "tensorboard"))

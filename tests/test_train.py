@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jmid import train
-from tests.helpers import run_configdict
+from tests.helpers import run_configdict, tensorboard_scalars
 
 
 def _cfg(workdir, cache_dir, steps=8):
@@ -41,7 +41,10 @@ def test_run_leaves_config_metrics_tensorboard_checkpoints(tmp_path, cache_dir):
   # bits per byte: byte tokens, so about loss / ln 2 (EOS tokens carry no bytes)
   bpb, loss = records[3]["eval/chat/bpb"], records[3]["eval/chat/loss"]
   assert loss / np.log(2) < bpb < 1.3 * loss / np.log(2)
-  assert glob.glob(str(w / "tensorboard" / "events.out.tfevents.*"))
+  scalars = tensorboard_scalars(w / "tensorboard")  # the same numbers as metrics.jsonl
+  assert scalars["loss"] == {r["step"]: pytest.approx(r["loss"]) for r in records}
+  assert scalars["eval/code/loss"] == {r["step"]: pytest.approx(r["eval/code/loss"])
+                                       for r in records if "eval/code/loss" in r}
   steps = sorted(int(os.path.basename(p)) for p in glob.glob(str(w / "checkpoints" / "*"))
                  if os.path.basename(p).isdigit())
   assert steps == [3, 6]
