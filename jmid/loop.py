@@ -194,12 +194,9 @@ def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> d
     except Exception as e:
       raise _save_failed(e, manager) from None
     check_saves()
-  except UserError:
+  except BaseException as e:
     _close_quietly(writer)  # a close failing as well (the same full disk) must not hide it
-    raise
-  except Exception as e:
-    _close_quietly(writer)
-    cause = os_problem(e)
+    cause = None if isinstance(e, UserError) else os_problem(e)
     if cause is None:
       raise
     raise UserError(f"{cause}; the run stopped and {_resume_point(manager)}: fix that and run "

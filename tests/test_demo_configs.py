@@ -1,11 +1,12 @@
-"""The three demo stages chain: each validates, and each starts from a checkpoint the previous
-stage really keeps (a schedule or keep_checkpoints edit must not silently break the chain)."""
+"""The demo stages chain: each validates, and each starts from a checkpoint the previous stage
+really keeps (a schedule or keep_checkpoints edit must not silently break the chain)."""
 
+import dataclasses
 import os
 
 import pytest
 
-from configs.demo import midtrain, pretrain, sft
+from configs.demo import longctx, midtrain, pretrain, sft
 from jmid import config as config_lib
 from jmid import optim
 
@@ -28,3 +29,16 @@ def test_midtrain_branches_from_a_kept_checkpoint_at_the_peak_lr():
   assert mid.optim.lr_from_checkpoint
   lr = float(optim.schedule(pre.optim, pre.train.steps)(step))
   assert lr == pytest.approx(pre.optim.lr, rel=1e-6)  # the stable phase, before the decay
+
+
+def test_longctx_extends_the_pretrain_model_4x_from_a_kept_checkpoint():
+  pre = config_lib.from_configdict(pretrain.get_config())
+  ext = config_lib.from_configdict(longctx.get_config())
+  step = int(os.path.basename(ext.init.from_path))
+  every, keep = pre.train.checkpoint_every_steps, pre.train.keep_checkpoints
+  assert step in (list(range(every, pre.train.steps, every)) + [pre.train.steps])[-keep:]
+  assert ext.data.seq_len == 4 * pre.data.seq_len
+  assert ext.model.rope_theta > pre.model.rope_theta  # the only model change: no params change
+  assert ext.model == dataclasses.replace(pre.model, rope_theta=ext.model.rope_theta)
+  assert set(ext.train.passkey_lengths) == {pre.data.seq_len, ext.data.seq_len}
+  assert ext.optim.lr_from_checkpoint and ext.data.mixture[-1][1]["retrieval"] > 0

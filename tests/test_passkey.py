@@ -52,6 +52,27 @@ def _reader(remember: bool):
   return predict
 
 
+def test_retrieval_documents_hide_one_key_that_the_answer_copies(tmp_path):
+  from jmid.config import DataConfig, SourceConfig
+  from jmid.data import pipeline
+  cfg = DataConfig(demo=True, cache_dir=str(tmp_path), sources={"retrieval": SourceConfig("")},
+                   seq_len=256, eval_fraction=0.01, packing="first_fit", shuffle=True)
+  src = pipeline.open_sources(cfg)  # the optional demo source, built because it is named
+  assert src.specs["retrieval"].kind == "chat" and "chat" in src.specs  # the corpus too
+  docs = src.train["retrieval"]
+  lengths = []
+  for i in range(0, len(docs), 97):
+    d = docs[i]
+    text = TOK.decode(d["tokens"][:-1])
+    keys = re.findall(r"pass key(?: is|:) (\d{5})", text)
+    assert len(set(keys)) == 1 and text.endswith(f"The pass key is {keys[0]}"), text[-200:]
+    assert TOK.decode(d["tokens"][d["mask"] == 0]) == keys[0]  # all trained but the random key
+    assert d["tokens"][-1] == TOK.eos_id and d["mask"][-1] == 1
+    assert not any(s in text for s in passkey.FILLER.split(". ") if s.strip())
+    lengths.append(len(d["tokens"]))
+  assert min(lengths) < 200 and 800 < max(lengths) <= 1000  # short ones, and long
+
+
 def test_scoring_is_exact_match_of_every_answer_token():
   args = dict(tok=TOK, lengths=[300, 500], depths=[0.0, 1.0], samples=3, seed=0, rows=4)
   table = passkey.evaluate(_reader(True), **args)

@@ -24,11 +24,16 @@ from jmid.errors import UserError
 from jmid.data import atomic, tokenfile
 from jmid.data.mathgen import chat_conversations, math_documents
 from jmid.data.chat import render_chat
+from jmid.data.retrieval import filler_sentences, retrieval_documents
 from jmid.data.tokenizer import ByteTokenizer
 
 VERSION = "demo-v2"
 SOURCES = ("code", "math", "text", "chat")
-KINDS = {"code": "text", "math": "text", "text": "text", "chat": "chat"}
+# Built on first use by a config that names them (data.sources.<name> with an empty path), so
+# other demo runs neither build nor evaluate them.
+OPTIONAL = ("retrieval",)
+KINDS = {"code": "text", "math": "text", "text": "text", "chat": "chat", "retrieval": "chat"}
+RETRIEVAL_DOCS = 8000  # 64-1000 tokens each: passkeys in plain generated sentences
 # Weights when a config names no demo source: pretraining data; chat joins in mid-training.
 DEFAULT_WEIGHTS = {"code": 1.0, "math": 1.0, "text": 1.0, "chat": 0.0}
 CHAT_BYTES = 1_500_000
@@ -61,6 +66,28 @@ def build_demo_corpus(cache_dir: str) -> dict[str, str]:
                         "the demo corpus")
       _build(cache, root, paths)
   return paths
+
+
+def build_optional(name: str, cache_dir: str) -> str:
+  """The token-file dir of optional demo source `name`, built on first use (under the same
+  lock, in a temp sibling renamed into place, like the corpus)."""
+  cache = os.path.abspath(os.path.expanduser(cache_dir))
+  path = os.path.join(cache, f"{VERSION}-{name}")
+  if os.path.isfile(os.path.join(path, "meta.json")):
+    return path
+  with atomic.naming(f"data.cache_dir={cache_dir}", cache):
+    atomic.make_parents(cache)
+    with _file_lock(os.path.join(cache, VERSION + ".lock")):
+      if not os.path.isfile(os.path.join(path, "meta.json")):
+        shutil.rmtree(path, ignore_errors=True)  # a dir without meta.json was never finished
+        tokenfile.write_token_file(path, _retrieval_documents(), ByteTokenizer.vocab_size)
+  return path
+
+
+def _retrieval_documents() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  return retrieval_documents(ByteTokenizer(), filler_sentences(seed=7), seed=8,
+                             n_docs=RETRIEVAL_DOCS,
+                             min_tokens=64, max_tokens=1000)
 
 
 def _build(cache: str, root: str, paths: dict[str, str]) -> None:

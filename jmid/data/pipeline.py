@@ -49,7 +49,8 @@ class Sources:
 
 
 def source_specs(cfg: DataConfig) -> dict[str, SourceConfig]:
-  """The configured sources; demo mode adds the demo corpus (named demo sources set weights)."""
+  """The configured sources; demo mode adds the demo corpus (named demo sources set weights)
+  and builds an optional demo source (demo.OPTIONAL) that a config names with an empty path."""
   specs: dict[str, SourceConfig] = {}
   if cfg.demo:
     built = demo.build_demo_corpus(cfg.cache_dir)
@@ -65,7 +66,10 @@ def source_specs(cfg: DataConfig) -> dict[str, SourceConfig]:
   for name, spec in cfg.sources.items():
     if name in specs:
       continue
-    if not spec.path:
+    if cfg.demo and name in demo.OPTIONAL and not spec.path:
+      spec = dataclasses.replace(spec, path=demo.build_optional(name, cfg.cache_dir),
+                                 format="tokens", kind=demo.KINDS[name])
+    elif not spec.path:
       raise UserError(f"data.sources.{name}.path is empty: set it to a file, directory or glob")
     specs[name] = spec
   return specs
