@@ -84,7 +84,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.optim.lr_from_checkpoint = False  # peak lr := the lr stored in init.from_path (OLMo 2 anneal)
 
   c.train = ConfigDict()
-  c.train.steps = 1000  # optimizer steps in this run
+  c.train.steps = 1000  # optimizer steps in this run; 0 = evaluate the init (init.from_path)
   c.train.global_batch = 32  # rows (sequences) per optimizer step, over all devices
   c.train.microbatches = 1  # gradient accumulation: global_batch is split into this many
   c.train.log_every_steps = 10  # console line + metrics.jsonl + TensorBoard

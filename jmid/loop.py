@@ -95,6 +95,9 @@ def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> d
 
   A save is refused if the state holds a non-finite value, and a save that fails (full disk,
   lost permission) stops the run: it never trains on past a checkpoint it could not write.
+  With train.steps=0 the run evaluates its starting params (any checkpoint or Hugging Face
+  folder, on this config's eval sets and passkey lengths), logs them as step 0 and keeps them
+  as checkpoint 0.
   """
   c, su, manager, data_iter = run.c, run.su, run.manager, run.data_iter
   main_process = jax.process_index() == 0
@@ -148,6 +151,11 @@ def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> d
   step = run.start
   end = c.train.steps if stop_after is None else min(c.train.steps, run.start + stop_after)
   try:
+    if c.train.steps == 0 == run.start:  # a 0-step run evaluates where it starts
+      record = {**first, **evaluator(run.state["params"]), **passkey_eval(run.state["params"]),
+                "eval/unigram_baseline": baseline}
+      writer.write(0, record)
+      last = {"step": 0, **record}
     while step < end and not signals.signum:
       run.state, m = su.train_step(run.state, sharding.to_global(mix.add(next(data_iter)), su.batch_sh))
       step += 1

@@ -19,6 +19,11 @@ def _cfg(workdir, cache_dir, steps=8):
   return c
 
 
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
 def _losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return {r["step"]: r["loss"] for r in map(json.loads, f)}
@@ -95,6 +100,11 @@ def test_init_from_path_loads_params_with_a_fresh_optimizer(tmp_path, cache_dir)
     assert not np.any(mu)  # fresh Adam moments and count
   meta = json.loads((tmp_path / "dst" / "checkpoints" / "0" / "meta" / "metadata").read_text())
   assert meta["step"] == 0
+  # a 0-step run evaluates what it loaded: the source's own final eval, on the same eval sets
+  (ours,), theirs = _records(tmp_path / "dst"), _records(src)[-1]
+  assert ours["step"] == 0 and ours["init"].startswith("params from")
+  for key in ("eval/loss", "eval/code/loss", "eval/text/loss"):
+    assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key
 
 
 def test_init_from_a_path_that_is_not_a_checkpoint(tmp_path, cache_dir):
