@@ -114,6 +114,11 @@ def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> d
                                     pipeline.bytes_per_token(c.data, run.srcs, c.run.seed))
   baseline = pipeline.unigram_loss(c.data, run.srcs, c.run.seed, c.model.vocab_size)
   passkey_eval = _passkey_eval(c, su, run.srcs.tokenizer)
+
+  def evaluate(params: Any) -> dict[str, float]:
+    """Held-out losses, passkey accuracy and the unigram baseline they compare with."""
+    return {**evaluator(params), **passkey_eval(params), "eval/unigram_baseline": baseline}
+
   writer = metrics_lib.MetricsWriter(c.run.workdir, c.train.steps, run.start, main_process)
   tokens_per_step = c.train.global_batch * c.data.seq_len
   flops = metrics_lib.flops_per_token(c.model, c.data.seq_len)
@@ -152,8 +157,7 @@ def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> d
   end = c.train.steps if stop_after is None else min(c.train.steps, run.start + stop_after)
   try:
     if c.train.steps == 0 == run.start:  # a 0-step run evaluates where it starts
-      record = {**first, **evaluator(run.state["params"]), **passkey_eval(run.state["params"]),
-                "eval/unigram_baseline": baseline}
+      record = {**first, **evaluate(run.state["params"])}
       writer.write(0, record)
       last = {"step": 0, **record}
     while step < end and not signals.signum:
@@ -184,9 +188,7 @@ def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> d
         first = {}
         if eval_now:
           t0 = time.perf_counter()
-          record.update(evaluator(run.state["params"]))
-          record.update(passkey_eval(run.state["params"]))
-          record["eval/unigram_baseline"] = baseline
+          record.update(evaluate(run.state["params"]))
           watch.paused += time.perf_counter() - t0
         eta = (c.train.steps - step) * dt / since_log if since_log else float("nan")
         writer.write(step, record, eta_seconds=eta)

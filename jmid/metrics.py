@@ -7,11 +7,13 @@ one consistent run. Non-finite values are written as null and shown as nan, neve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -78,11 +80,8 @@ class MetricsWriter:
     if not self.enabled:
       return
     record = {"step": step, **{k: _plain(v) for k, v in record.items()}}
-    try:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    except OSError as e:  # name the file: a full disk's error carries no path
-      raise OSError(e.errno, e.strerror, self.path) from None
+    with _named(self.path), open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
     self._tb.write(step, {k: v for k, v in record.items()
                           if k != "step" and isinstance(v, (int, float))})
     if console:
@@ -120,28 +119,31 @@ class TensorBoard:
     from tensorboardX.event_file_writer import EventsWriter  # lazily: only process 0 writes
     self.logdir = logdir
     os.makedirs(logdir, exist_ok=True)
-    self._file = self._guard(lambda: EventsWriter(os.path.join(logdir, "events")))
+    with _named(logdir):
+      self._file = EventsWriter(os.path.join(logdir, "events"))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     from tensorboardX.proto.event_pb2 import Event
     from tensorboardX.summary import scalar
     now = time.time()
-    events = [Event(wall_time=now, step=step, summary=scalar(k, v)) for k, v in scalars.items()]
-
-    def write_and_flush() -> None:
-      for event in events:
-        self._file.write_event(event)
+    with _named(self.logdir):
+      for key, value in scalars.items():
+        self._file.write_event(Event(wall_time=now, step=step, summary=scalar(key, value)))
       self._file.flush()
-    self._guard(write_and_flush)
 
   def close(self) -> None:
-    self._guard(self._file.close)
+    with _named(self.logdir):
+      self._file.close()
 
-  def _guard(self, fn: Any) -> Any:
-    try:
-      return fn()
-    except OSError as e:  # name the folder: a failed flush carries no path
-      raise OSError(e.errno, e.strerror, self.logdir) from None
+
+@contextlib.contextmanager
+def _named(path: str) -> Iterator[None]:
+  """An OSError in the block carries `path`: a full disk's failed write or flush names none,
+  and the loop's one-line report (errors.os_problem) shows the filename it carries."""
+  try:
+    yield
+  except OSError as e:
+    raise OSError(e.errno, e.strerror, path) from None
 
 
 def _num(v: Any, fmt: str) -> str:

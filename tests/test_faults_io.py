@@ -369,4 +369,5 @@ def test_metrics_on_a_full_disk_fail_in_the_caller_naming_the_file(tmp_path):
     with pytest.raises(OSError) as e:  # more than the slack left in each file's last page
       writer.write(2, {f"eval/source{i}/loss": 1.0 for i in range(400)}, console=False)
     assert e.value.errno == errno.ENOSPC
-    assert e.value.filename in (str(vol / "run" / "metrics.jsonl"), str(vol / "run" / "tensorboard"))
+    run = vol / "run"
+    assert e.value.filename in (str(run / "metrics.jsonl"), str(run / "tensorboard"))

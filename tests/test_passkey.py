@@ -71,6 +71,12 @@ def test_retrieval_documents_hide_one_key_that_the_answer_copies(tmp_path):
     assert not any(s in text for s in passkey.FILLER.split(". ") if s.strip())
     lengths.append(len(d["tokens"]))
   assert min(lengths) < 200 and 800 < max(lengths) <= 1000  # short ones, and long
+  stray = tmp_path / "demo-v2-retrieval-x"  # a folder there that is not ours is never removed
+  (tmp_path / "demo-v2-retrieval" / "meta.json").rename(stray)
+  with pytest.raises(UserError, match="exists but is incomplete; delete it"):
+    pipeline.open_sources(cfg)
+  assert sorted(os.listdir(tmp_path / "demo-v2-retrieval")) == ["mask.bin", "offsets.npy",
+                                                                 "tokens.bin"]
 
 
 def test_scoring_is_exact_match_of_every_answer_token():

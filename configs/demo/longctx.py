@@ -6,16 +6,17 @@ run's stable phase (before its decay, as the mid-training demo does), raise the 
 (ABF), pack 4x longer sequences whole (first_fit: a document never straddles two rows), and
 anneal to 0 on a mixture that keeps the general sources (replay: code files are the long
 documents) and adds synthetic retrieval documents (a pass key in a haystack of repeating
-sentences, then the question and the answer; jmid/data/retrieval.py). Passkey retrieval at 256 and 1024 tokens is measured
-at every eval on the test's own filler, which the model never trains on.
+sentences, then the question and the answer; jmid/data/retrieval.py). Passkey retrieval at 256
+and 1024 tokens is measured at every eval on the test's own filler, never trained on.
 
 python -m jmid.train --config=configs/demo/pretrain.py     # first, once
 python -m jmid.passkey --workdir=runs/demo-pretrain --lengths=256,1024   # before
 python -m jmid.train --config=configs/demo/longctx.py
 python -m jmid.passkey --workdir=runs/demo-longctx --lengths=256,1024    # after
 
-About 9.5 minutes on a 2-core CPU; README.md has the before/after numbers. With several devices, --config.mesh.context=N splits each
-sequence over N of them (ring attention); the losses are the same.
+About 9.5 minutes on a 2-core CPU; README.md has the before/after numbers. With several
+devices, --config.mesh.context=N splits each sequence over N of them (ring attention); the
+losses are the same.
 """
 
 from ml_collections import ConfigDict
@@ -32,7 +33,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.model.rope_theta = 40000.0  # 4x the pretraining base for 4x the context
   c.data.seq_len = 1024
   c.data.packing = "first_fit"
-  c.data.sources = ConfigDict({"retrieval": {"path": ""}})  # built with the demo corpus
+  c.data.sources = ConfigDict({"retrieval": {"path": ""}})  # an optional demo source
   c.data.mixture = ((0, {"text": 0.25, "code": 0.2, "math": 0.1, "chat": 0.05,
                          "retrieval": 0.4}),)
   c.optim.lr_from_checkpoint = True  # the lr the pretrain run had reached (3e-3)...

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -29,9 +29,6 @@ from jmid.data.tokenizer import ByteTokenizer
 
 VERSION = "demo-v2"
 SOURCES = ("code", "math", "text", "chat")
-# Built on first use by a config that names them (data.sources.<name> with an empty path), so
-# other demo runs neither build nor evaluate them.
-OPTIONAL = ("retrieval",)
 KINDS = {"code": "text", "math": "text", "text": "text", "chat": "chat", "retrieval": "chat"}
 RETRIEVAL_DOCS = 8000  # 64-1000 tokens each: passkeys in plain generated sentences
 # Weights when a config names no demo source: pretraining data; chat joins in mid-training.
@@ -69,8 +66,8 @@ def build_demo_corpus(cache_dir: str) -> dict[str, str]:
 
 
 def build_optional(name: str, cache_dir: str) -> str:
-  """The token-file dir of optional demo source `name`, built on first use (under the same
-  lock, in a temp sibling renamed into place, like the corpus)."""
+  """The token-file dir of optional demo source `name` (one of OPTIONAL), built on first use
+  (under the corpus lock, in a temp sibling renamed into place, like the corpus)."""
   cache = os.path.abspath(os.path.expanduser(cache_dir))
   path = os.path.join(cache, f"{VERSION}-{name}")
   if os.path.isfile(os.path.join(path, "meta.json")):
@@ -79,15 +76,22 @@ def build_optional(name: str, cache_dir: str) -> str:
     atomic.make_parents(cache)
     with _file_lock(os.path.join(cache, VERSION + ".lock")):
       if not os.path.isfile(os.path.join(path, "meta.json")):
-        shutil.rmtree(path, ignore_errors=True)  # a dir without meta.json was never finished
-        tokenfile.write_token_file(path, _retrieval_documents(), ByteTokenizer.vocab_size)
+        if os.path.exists(path):  # not ours: the token file lands by one rename, meta included
+          raise UserError(f"{path} exists but is incomplete; delete it and run again to rebuild "
+                          f"the demo source {name!r}")
+        tokenfile.write_token_file(path, OPTIONAL[name](), ByteTokenizer.vocab_size)
   return path
 
 
 def _retrieval_documents() -> Iterator[tuple[np.ndarray, np.ndarray]]:
   return retrieval_documents(ByteTokenizer(), filler_sentences(seed=7), seed=8,
-                             n_docs=RETRIEVAL_DOCS,
-                             min_tokens=64, max_tokens=1000)
+                             n_docs=RETRIEVAL_DOCS, min_tokens=64, max_tokens=1000)
+
+
+# Sources built on first use by a config that names them (data.sources.<name> with an empty
+# path), so other demo runs neither build nor evaluate them: name -> its documents.
+OPTIONAL: dict[str, Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]] = {
+    "retrieval": _retrieval_documents}
 
 
 def _build(cache: str, root: str, paths: dict[str, str]) -> None:

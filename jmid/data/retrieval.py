@@ -25,7 +25,8 @@ ANSWER = " {key}"
 
 
 def retrieval_documents(tok: Tokenizer, haystacks: Iterator[str], seed: int, n_docs: int,
-                        min_tokens: int, max_tokens: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                        min_tokens: int, max_tokens: int
+                        ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """(tokens, mask) per document, EOS included: a haystack (the next text of `haystacks`, cut
   to length) with the needle at a random depth, then the question and the answer.
 
