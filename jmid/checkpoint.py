@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import gc
 import json
+import logging
 import os
 import re
 import shutil
@@ -288,8 +289,8 @@ def _read(step_dir: str, target: Any, restore_args: Any, partial: bool) -> Any:
 
 
 def _orbax_read(step_dir: str, read: Callable[[], Any]) -> Any:
-  """read(), an Orbax restore of step_dir; any failure becomes one line (_read_error), after
-  what the failed read abandoned is cleaned up."""
+  """read(), an Orbax restore of step_dir; any failure becomes one line (_read_error), and what
+  the failed read abandoned says nothing when it is freed (_quiet_abandoned_reads)."""
   _quiet_abandoned_reads()
   try:
     return read()
@@ -329,12 +330,16 @@ def _read_error(e: BaseException, step_dir: str) -> UserError:
   return DamagedCheckpoint(step_dir, f"{what} cannot be read ({reason})")
 
 
+# What Orbax's abandoned chunk reads carry: their coroutines' names, their errors' texts.
+_ABANDONED_READ = ("_read_array_index_and_device_put", "_read_and_create_array",
+                   "async_deserialize", "Encountered error while reading array index",
+                   "in OCDBT database", "Event loop is closed")
+
+
 def _collect_abandoned_reads() -> None:
-  """A failed Orbax read also leaves coroutines it never awaited. Collected later, wherever the
-  garbage collector happens to run, their 'never awaited' warning runs Python code at that
-  moment: inside ast.parse (the demo corpus build) that crashed CPython 3.11 with "AST
-  constructor recursion depth mismatch". Collect them now, at the failure, and say nothing:
-  the one-line error already says what failed."""
+  """Frees now, at the failure, what the failed read left unreferenced, saying nothing: the
+  one-line error already says what failed. Reads still in TensorStore's threads end later and
+  are freed whenever the collector runs; _quiet_abandoned_reads keeps those silent too."""
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
                             category=RuntimeWarning)
@@ -342,21 +347,33 @@ def _collect_abandoned_reads() -> None:
 
 
 def _quiet_abandoned_reads() -> None:
-  """Orbax closes its event loop as soon as one chunk read fails and abandons the others,
-  which then report 'Event loop is closed' or their own failure through sys.unraisablehook:
-  tracebacks after the one-line error. Drops exactly those reports (installed once)."""
+  """Orbax closes its event loop as soon as one chunk read fails and abandons the others. When
+  freed, they report through sys.unraisablehook ('Event loop is closed', their own failure) and
+  through asyncio's logger ('Task exception was never retrieved', 'Task was destroyed but it is
+  pending'): tracebacks long after the one-line error. Formatting such a traceback parses
+  source (CPython 3.11's caret anchors); run by the collector inside another ast.parse, that
+  crashed 3.11 with "AST constructor recursion depth mismatch". Drops exactly those reports,
+  before anything formats them (installed once)."""
+  asyncio_log = logging.getLogger("asyncio")
+  if _abandoned_read_record not in asyncio_log.filters:
+    asyncio_log.addFilter(_abandoned_read_record)
   previous = sys.unraisablehook
   if getattr(previous, "jmid_quiet", False):
     return
 
   def hook(u: Any) -> None:
-    text = str(u.exc_value)
-    if text != "Event loop is closed" and not text.startswith(
-        "Encountered error while reading array index"):
+    if not any(str(u.exc_value).startswith(m) for m in _ABANDONED_READ):
       previous(u)
 
   hook.jmid_quiet = True  # type: ignore[attr-defined]
   sys.unraisablehook = hook
+
+
+def _abandoned_read_record(record: logging.LogRecord) -> bool:
+  """False (drop) for asyncio's report of a freed Orbax chunk read: the record's message names
+  its task and error; nothing has formatted its traceback yet."""
+  text = record.msg if isinstance(record.msg, str) else ""
+  return not any(m in text for m in _ABANDONED_READ)
 
 
 def save_params(out_dir: str, params: Any, meta: dict[str, Any]) -> None:

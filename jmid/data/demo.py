@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import gc
 import os
 import shutil
 import tempfile
@@ -178,6 +179,19 @@ def _code_documents(files: list[str]) -> Iterator[np.ndarray]:
       yield _with_eos(f.read())
 
 
+def _parse(src: bytes) -> ast.Module:
+  """ast.parse with the cyclic collector paused: on CPython 3.11 a finalizer it runs mid-parse
+  that itself parses (any traceback printed, e.g. by asyncio for a freed task) crashes the
+  outer parse with "AST constructor recursion depth mismatch"."""
+  was_enabled = gc.isenabled()
+  gc.disable()
+  try:
+    return ast.parse(src)
+  finally:
+    if was_enabled:
+      gc.enable()
+
+
 def _text_documents(files: list[str]) -> Iterator[np.ndarray]:
   """One document per docstring (module, class, function) and per pydoc topic page."""
   root = os.path.dirname(os.__file__)
@@ -185,7 +199,7 @@ def _text_documents(files: list[str]) -> Iterator[np.ndarray]:
     with open(os.path.join(root, rel), "rb") as f:
       src = f.read()
     try:
-      tree = ast.parse(src)
+      tree = _parse(src)
     except (SyntaxError, ValueError):
       continue
     if rel == _TOPICS:
