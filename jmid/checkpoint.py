@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import gc
 import json
-import logging
 import os
 import re
 import shutil
@@ -330,12 +329,6 @@ def _read_error(e: BaseException, step_dir: str) -> UserError:
   return DamagedCheckpoint(step_dir, f"{what} cannot be read ({reason})")
 
 
-# What Orbax's abandoned chunk reads carry: their coroutines' names, their errors' texts.
-_ABANDONED_READ = ("_read_array_index_and_device_put", "_read_and_create_array",
-                   "async_deserialize", "Encountered error while reading array index",
-                   "in OCDBT database", "Event loop is closed")
-
-
 def _collect_abandoned_reads() -> None:
   """Frees now, at the failure, what the failed read left unreferenced, saying nothing: the
   one-line error already says what failed. Reads still in TensorStore's threads end later and
@@ -354,26 +347,19 @@ def _quiet_abandoned_reads() -> None:
   source (CPython 3.11's caret anchors); run by the collector inside another ast.parse, that
   crashed 3.11 with "AST constructor recursion depth mismatch". Drops exactly those reports,
   before anything formats them (installed once)."""
-  asyncio_log = logging.getLogger("asyncio")
-  if _abandoned_read_record not in asyncio_log.filters:
-    asyncio_log.addFilter(_abandoned_read_record)
+  cli.quiet_library_errors()
   previous = sys.unraisablehook
   if getattr(previous, "jmid_quiet", False):
     return
 
   def hook(u: Any) -> None:
-    if not any(str(u.exc_value).startswith(m) for m in _ABANDONED_READ):
+    text = str(u.exc_value)
+    if text != "Event loop is closed" and not text.startswith(
+        "Encountered error while reading array index"):
       previous(u)
 
   hook.jmid_quiet = True  # type: ignore[attr-defined]
   sys.unraisablehook = hook
-
-
-def _abandoned_read_record(record: logging.LogRecord) -> bool:
-  """False (drop) for asyncio's report of a freed Orbax chunk read: the record's message names
-  its task and error; nothing has formatted its traceback yet."""
-  text = record.msg if isinstance(record.msg, str) else ""
-  return not any(m in text for m in _ABANDONED_READ)
 
 
 def save_params(out_dir: str, params: Any, meta: dict[str, Any]) -> None:

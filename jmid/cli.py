@@ -65,8 +65,10 @@ STOP = StopFlag()
 
 
 class _DropOrbaxErrors(logging.Filter):
-  """Drops ERROR records that come from orbax: logged in its files, naming its files, or
-  carrying an exception raised in them (asyncio's "exception was never retrieved" at exit)."""
+  """Drops ERROR records that come from orbax: logged in its files, naming its files or a
+  TensorStore read of its checkpoint, or carrying an exception raised in them (asyncio's
+  "exception was never retrieved" at exit, or whenever the reads a failed restore abandoned
+  are freed). Nothing formats their tracebacks: checkpoint._quiet_abandoned_reads says why."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.levelno < logging.ERROR:
@@ -79,15 +81,20 @@ class _DropOrbaxErrors(logging.Filter):
         break
       files += [frame.filename for frame in traceback.extract_tb(exc.__traceback__)]
       exc = exc.__cause__ or exc.__context__
-    return not any(orbax in f for f in files)
+    return not any(orbax in f or "in OCDBT database" in f for f in files)
+
+
+_DROP_ORBAX_ERRORS = _DropOrbaxErrors()
 
 
 def quiet_library_errors() -> None:
   """Orbax logs each failure of its background save threads with a traceback (hundreds of
   lines on a full disk) and then raises the same error to the caller, which reports it as one
-  line; the CLI keeps only that line (asyncio repeats them at exit for its tasks)."""
+  line; only that line is kept (asyncio repeats them for its tasks). Installed once."""
   for name in ("absl", "asyncio"):
-    logging.getLogger(name).addFilter(_DropOrbaxErrors())
+    logger = logging.getLogger(name)
+    if _DROP_ORBAX_ERRORS not in logger.filters:
+      logger.addFilter(_DROP_ORBAX_ERRORS)
 
 
 def error(message: str) -> None:
