@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp  # noqa: E402
 from benchmarks.common import write_result  # noqa: E402
 from jmid import config as config_lib  # noqa: E402
 from jmid import model as model_lib  # noqa: E402
-from jmid import sharding, train  # noqa: E402
+from jmid import build, sharding  # noqa: E402
 from tests.helpers import tiny_configdict  # noqa: E402
 from tests.test_sharding import synthetic_batch  # noqa: E402
 
@@ -65,7 +65,7 @@ def main() -> None:
   args = ap.parse_args()
   c = _config(args.d_model, args.layers, args.vocab)
   mesh = sharding.make_mesh(c.mesh)
-  su = train.setup(c, mesh)
+  su = build.setup(c, mesh)
   batch = sharding.to_global(synthetic_batch(c.train.global_batch, c.data.seq_len,
                                           c.model.vocab_size, seed=0), su.batch_sh)
   with jax.set_mesh(mesh), tempfile.TemporaryDirectory(dir=".") as tmp:

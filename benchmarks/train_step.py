@@ -25,13 +25,13 @@ import jax  # noqa: E402
 
 from benchmarks.common import write_result  # noqa: E402
 from jmid import config as config_lib  # noqa: E402
-from jmid import sharding, train  # noqa: E402
+from jmid import build, configfile, sharding, train  # noqa: E402
 from jmid.data import pipeline  # noqa: E402
 
 
 def _load(path: str, sets: list[str], workdir: str, steps: int):
   """The config as the CLI would build it (same override parsing), then benchmark settings."""
-  cfg = train.parse_config(["benchmark", f"--config={path}", *[f"--config.{s}" for s in sets]])
+  cfg = configfile.parse(["benchmark", f"--config={path}", *[f"--config.{s}" for s in sets]])
   cfg.run.workdir = workdir
   cfg.train.steps = steps
   cfg.train.log_every_steps = 10
@@ -44,7 +44,7 @@ def _load(path: str, sets: list[str], workdir: str, steps: int):
 
 def bare_step_seconds(c: config_lib.Config, steps: int) -> float:
   mesh = sharding.make_mesh(c.mesh)
-  su = train.setup(c, mesh)
+  su = build.setup(c, mesh)
   srcs = pipeline.open_sources(c.data)
   it = pipeline.train_iterator(c.data, srcs, batch_size=c.train.global_batch, seed=0)
   with jax.set_mesh(mesh):

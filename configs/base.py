@@ -66,6 +66,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.data.eval_fraction = 0.02  # share of each source's documents held out for eval
   c.data.packing = "concat"  # concat (concat-then-split) | first_fit
   c.data.shuffle = True  # shuffle documents (per epoch) before packing
+  # The seed of the document order and the mixture's draws; -1: run.seed. The eval split is
+  # always run.seed's. A stage branched from another run's checkpoint sets its own, or it reads
+  # the documents in the order that run read them first.
+  c.data.shuffle_seed = -1
 
   c.optim = ConfigDict()
   c.optim.lr = 3e-4  # peak learning rate

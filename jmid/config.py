@@ -126,6 +126,7 @@ class DataConfig:
   eval_fraction: float
   packing: str
   shuffle: bool
+  shuffle_seed: int = -1  # the order's seed; -1: run.seed (the eval split is always run.seed's)
   tokenizer: str = "byte"
   mixture: tuple[MixtureStage, ...] = ()
   mixture_interpolation: str = "step"
@@ -333,6 +334,8 @@ def validate(c: Config) -> None:
 
   _check(0 < dt.seq_len <= MAX_SEQ_LEN, f"data.seq_len={dt.seq_len}: must be a positive "
          f"integer of at most {MAX_SEQ_LEN:,} tokens per row")
+  _check(dt.shuffle_seed >= -1, f"data.shuffle_seed={dt.shuffle_seed}: must be >= 0, or -1 "
+         "for run.seed")
   _check(0.0 < dt.eval_fraction < 1.0,
          f"data.eval_fraction={dt.eval_fraction}: must be in (0, 1)")
   _choice("data.packing", dt.packing, PACKING)

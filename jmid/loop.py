@@ -28,7 +28,7 @@ class Started:
   """A run after start-up: everything the loop needs, and the workdir it holds."""
 
   c: config_lib.Config
-  su: Any  # train.Setup, with the step compiled ahead of time
+  su: Any  # build.Setup, with the step compiled ahead of time
   manager: Any
   state: Any
   start: int

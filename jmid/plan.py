@@ -1,20 +1,40 @@
-"""Compile the train step ahead of time, from abstract shapes, and check that it fits.
+"""Compile the train step ahead of time, from abstract shapes, and say whether it fits.
 
-Nothing is allocated before this check: a config that cannot fit (a 17B model on a laptop, a
-seq_len typo) ends with one line giving the step's memory per device, what the device has, and
-what to change, instead of an out-of-memory crash minutes in. The compiled step is the one the
-run trains with, so nothing is compiled twice.
+    python -m jmid.plan --config=C [--config.k=v ...] [--topology=NAME] [--json=FILE]
+
+builds the real train step for the config's mesh on a target and compiles it without
+allocating an array, then prints per-device memory (params, optimizer state, the rest:
+activations and temporaries) against the device's memory, FLOPs per step (XLA's count next to
+jmid's model formula) and a verdict: exit 0 when it fits, 3 when it does not, 2 for bad input.
+Targets: the local devices (exact; no --topology) or a TPU slice (`v5e:2x2`, `v5p:4x4x4`,
+`v6e:8x8`: libtpu's compile-only devices on any host, exact, Mosaic kernels included; the
+`tpu` extra installs libtpu). train runs the same check on its own step before allocating.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 
+from jmid import build, cli, configfile, metrics, sharding, steps
 from jmid import config as config_lib
-from jmid import steps
 from jmid.errors import UserError
+
+GIB = 2**30
+# HBM per chip by device_kind (datasheets): compile-only devices report no memory stats.
+HBM_BYTES = {"TPU v4": 32 * GIB, "TPU v5 lite": 16 * GIB, "TPU v5e": 16 * GIB,
+             "TPU v5p": 95 * GIB, "TPU v6 lite": 32 * GIB, "TPU v6e": 32 * GIB}
+TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
 
 
 def compile_train_step(c: config_lib.Config, train_step: Any, abstract_state: Any,
@@ -24,16 +44,27 @@ def compile_train_step(c: config_lib.Config, train_step: Any, abstract_state: An
   return train_step.lower(abstract_state, batch).compile()
 
 
-def step_bytes(compiled: Any) -> int | None:
-  """Peak bytes per device of one step: arguments + outputs + temporaries - donated aliases."""
+def memory(compiled: Any) -> dict[str, int] | None:
+  """Per-device bytes of one compiled step (XLA's memory analysis), None where the backend
+  has none. Donated arguments alias their outputs: the peak counts them once."""
   try:
     m = compiled.memory_analysis()
   except Exception:  # a backend without the analysis: no check rather than a wrong one
     return None
   if m is None:
     return None
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
+  out = {"argument_bytes": int(m.argument_size_in_bytes),
+         "output_bytes": int(m.output_size_in_bytes), "temp_bytes": int(m.temp_size_in_bytes),
+         "alias_bytes": int(m.alias_size_in_bytes)}
+  out["per_device_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
+                             - out["alias_bytes"])
+  return out
+
+
+def step_bytes(compiled: Any) -> int | None:
+  """Peak bytes per device of one step: arguments + outputs + temporaries - donated aliases."""
+  m = memory(compiled)
+  return None if m is None else m["per_device_bytes"]
 
 
 def host_available_bytes() -> int | None:
@@ -49,19 +80,40 @@ def host_available_bytes() -> int | None:
 
 
 def device_capacity(device: jax.Device) -> tuple[int | None, str]:
-  """(bytes one device can use, what it is): HBM from the device's stats on GPU/TPU; on CPU the
-  host's available RAM, shared by every local CPU device."""
+  """(bytes one device can use, what it is): HBM from the device's stats on GPU/TPU, or from
+  the datasheet table for compile-only devices; on CPU the host's available RAM, shared by
+  every local CPU device."""
   stats = None
   try:
     stats = device.memory_stats()
-  except Exception:
+  except Exception:  # compile-only devices have none
     pass
   if stats and stats.get("bytes_limit"):
     return int(stats["bytes_limit"]), f"{device.device_kind} memory"
+  for kind, hbm in HBM_BYTES.items():
+    if kind in device.device_kind:
+      return hbm, f"{device.device_kind} HBM"
+  if device.platform != "cpu":
+    return None, ""
   avail = host_available_bytes()
   if avail is None:
     return None, ""
   return avail // max(jax.local_device_count(), 1), "available host RAM per CPU device"
+
+
+def hints(c: config_lib.Config, n_devices: int, platform: str) -> list[str]:
+  """What to change when a step does not fit, most effective first."""
+  out = []
+  if n_devices > 1:
+    out.append("shard params over more devices (mesh.fsdp)")
+  if c.model.remat == "none":
+    out.append("recompute activations (model.remat='full')")
+  out.append("more train.microbatches or a smaller train.global_batch / data.seq_len")
+  if c.data.seq_len >= 8192 and n_devices > 1:
+    out.append("split long sequences over devices (mesh.context)")
+  if platform == "cpu":
+    out.append("or run it on accelerators")
+  return out
 
 
 def check_fits(c: config_lib.Config, compiled: Any, device: jax.Device) -> None:
@@ -70,18 +122,174 @@ def check_fits(c: config_lib.Config, compiled: Any, device: jax.Device) -> None:
   have, what = device_capacity(device)
   if need is None or have is None or need <= have:
     return
-  hints = []
-  if c.mesh.fsdp != -1 and jax.device_count() > 1:
-    hints.append("shard params over more devices (mesh.fsdp)")
-  if c.model.remat == "none":
-    hints.append("recompute activations (model.remat='full')")
-  hints.append("more train.microbatches or a smaller train.global_batch / data.seq_len")
-  if device.platform == "cpu":
-    hints.append("or run it on accelerators")
   raise UserError(f"this config needs {_gib(need)} per device for one train step but the "
-                  f"device has {_gib(have)} ({what}); try {', '.join(hints)}")
+                  f"device has {_gib(have)} ({what}); try "
+                  f"{', '.join(hints(c, jax.device_count(), device.platform))}")
+
+
+def target_devices(topology: str) -> tuple[list[jax.Device], str]:
+  """(devices, what they are) for --topology: '' is the local devices; a TPU slice name gives
+  libtpu's compile-only devices (its start-up chatter on stderr is dropped)."""
+  if not topology:
+    devices = jax.devices()
+    return devices, f"{len(devices)} local {devices[0].platform} device(s)"
+  generation = topology.split(":", 1)[0].lower()
+  if generation not in TPU_GENERATIONS or ":" not in topology:
+    raise UserError(f"--topology={topology}: use a TPU slice name such as v5e:2x2, v5p:2x2x1, "
+                    f"v6e:4x4 (generations {', '.join(TPU_GENERATIONS)}), or leave it out for "
+                    "the local devices")
+  if importlib.util.find_spec("libtpu") is None:  # jax finds the TPU plugin through it
+    raise UserError(f"--topology={topology} compiles through libtpu, which is not installed; "
+                    "pip install -e '.[tpu]' (it installs on any Linux x86 host)")
+  from jax.experimental import topologies
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # not on a TPU VM: no metadata server
+  try:
+    with _stderr_dropped():
+      devices = list(topologies.get_topology_desc(platform="tpu",
+                                                  topology_name=topology).devices)
+  except Exception as e:
+    raise UserError(f"--topology={topology}: libtpu knows no such slice ({_first(e)}); use "
+                    "a name such as v5e:2x2 or v5p:2x2x1") from None
+  return devices, f"{len(devices)} {devices[0].device_kind} chips ({topology}, compile-only)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What one compile of the train step says; as_json gives the stable JSON keys."""
+
+  memory: dict[str, int]
+  params_bytes: int
+  optimizer_bytes: int
+  hbm_bytes: int | None
+  hbm_what: str
+  flops_per_step: float | None
+  model_flops_per_step: float
+  compile_seconds: float
+  device_kind: str
+  devices: str
+  mesh: dict[str, int]
+
+  @property
+  def fits(self) -> bool | None:
+    return None if self.hbm_bytes is None else self.memory["per_device_bytes"] <= self.hbm_bytes
+
+  def as_json(self) -> dict[str, Any]:
+    return {**self.memory, "params_bytes": self.params_bytes,
+            "optimizer_bytes": self.optimizer_bytes, "hbm_bytes": self.hbm_bytes,
+            "fits": self.fits, "flops_per_step": self.flops_per_step,
+            "model_flops_per_step": self.model_flops_per_step,
+            "compile_seconds": self.compile_seconds, "device_kind": self.device_kind,
+            "devices": self.devices, "mesh": self.mesh}
+
+
+def make_plan(c: config_lib.Config, devices: Sequence[jax.Device], what: str) -> Plan:
+  """Builds and compiles the config's train step on `devices`; nothing is allocated."""
+  mesh = sharding.make_mesh(c.mesh, devices)
+  build.check_runtime(c, mesh)
+  su = build.setup(c, mesh)
+  t0 = time.perf_counter()
+  compiled = compile_train_step(c, su.train_step, su.abstract_state, su.batch_sh)
+  seconds = time.perf_counter() - t0
+  mem = memory(compiled)
+  if mem is None:
+    raise UserError(f"XLA gives no memory analysis for {what}; nothing to plan with")
+  hbm, hbm_what = device_capacity(devices[0])
+  tokens = c.train.global_batch * c.data.seq_len
+  return Plan(mem, _shard_bytes(su.abstract_state["params"]),
+              _shard_bytes(su.abstract_state["opt_state"]), hbm, hbm_what,
+              _xla_flops(compiled, len(devices)),
+              metrics.flops_per_token(c.model, c.data.seq_len) * tokens, round(seconds, 2),
+              devices[0].device_kind, what, {k: int(v) for k, v in mesh.shape.items()})
+
+
+def _shard_bytes(tree: Any) -> int:
+  """Bytes of one device's shard of every array in an abstract tree with shardings."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * leaf.dtype.itemsize
+  return total
+
+
+def _xla_flops(compiled: Any, n_devices: int) -> float | None:
+  """XLA's FLOPs of one step over all devices (its cost analysis is per device program)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get("flops")
+  return None if flops is None or flops < 0 else float(flops) * n_devices
+
+
+def report(p: Plan, name: str) -> str:
+  """The lines the CLI prints."""
+  m = p.memory
+  rest = m["per_device_bytes"] - p.params_bytes - p.optimizer_bytes
+  mesh = " ".join(f"{k}={v}" for k, v in p.mesh.items())
+  have = f" of {_gib(p.hbm_bytes)} ({p.hbm_what})" if p.hbm_bytes else ""
+  flops = (f"{p.flops_per_step:.3e} (XLA, a scanned layer counted once)" if p.flops_per_step
+           else "? (XLA gives none)")
+  verdict = {True: "fits", False: "DOES NOT FIT", None: "capacity unknown"}[p.fits]
+  return "\n".join([
+      f"jmid plan: {name} on {p.devices} | mesh {mesh} | compiled in {p.compile_seconds:.1f} s",
+      f"per device: params {_gib(p.params_bytes)} + optimizer {_gib(p.optimizer_bytes)} + "
+      f"activations and temporaries {_gib(rest)} = {_gib(m['per_device_bytes'])}{have}: "
+      f"{verdict}",
+      f"FLOPs per step: {flops} | {p.model_flops_per_step:.3e} (model: 6 x matmul params "
+      "+ causal attention, no recompute)"])
+
+
+def main(argv: list[str] | None = None) -> int:
+  return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+  usage = "usage: python -m jmid.plan --config=C [--config.k=v ...] [--topology=NAME] " \
+          "[--json=FILE]"
+  ours = {a.split("=", 1)[0][2:]: a.split("=", 1)[1] for a in argv
+          if a.startswith(("--topology=", "--json="))}
+  rest = [a for a in argv if not a.startswith(("--topology=", "--json="))]
+  if any(not a.startswith("--config") for a in rest):
+    raise UserError(usage)
+  c = config_lib.from_configdict(configfile.parse([sys.argv[0], *rest]))
+  devices, what = target_devices(ours.get("topology", ""))
+  p = make_plan(c, devices, what)
+  print(report(p, c.run.name or "config"))
+  if p.fits is False:
+    print(f"jmid plan: try {', '.join(hints(c, len(devices), devices[0].platform))}")
+  if "json" in ours:
+    tmp = ours["json"] + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(p.as_json(), f, indent=1)
+    os.replace(tmp, ours["json"])
+  return 3 if p.fits is False else 0
+
+
+@contextlib.contextmanager
+def _stderr_dropped() -> Iterator[None]:
+  """Drops what C++ writes to fd 2 meanwhile (libtpu's warnings about a host without TPUs)."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+def _first(e: BaseException) -> str:
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return lines[0] if lines else type(e).__name__
 
 
 def _gib(n: int) -> str:
-  return f"{n / 2**30:,.2f} GiB"
+  return f"{n / GIB:,.2f} GiB"
 
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -19,91 +19,18 @@ if __name__ == "__main__":
   cli.STOP.install()
 
 import jax
-import optax
-from absl import flags, logging
-from ml_collections import ConfigDict, config_flags
+from absl import logging
+from ml_collections import ConfigDict
 
 from jmid import checkpoint as ckpt_lib
 from jmid import config as config_lib
 from jmid import distributed
 from jmid import model as model_lib
-from jmid import handoff, loop, optim, passkey, plan, resume, sharding, steps
+from jmid import build, configfile, handoff, loop, passkey, plan, resume, sharding
 from jmid import workdir as workdir_lib
-from jmid.errors import ConfigError, UserError
+from jmid.errors import UserError
 from jmid.data import pipeline
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (Python).")
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """Everything jitted and sharded for one config on one mesh (shared by train and tests)."""
-
-  graphdef: Any
-  param_names: Any  # logical axis names per param leaf
-  tx: optax.GradientTransformation
-  lr_fn: optax.Schedule
-  param_sh: Any
-  state_sh: Any
-  batch_sh: jax.sharding.NamedSharding
-  abstract_state: Any  # ShapeDtypeStructs carrying state_sh
-  create_state: Any  # () -> state, random init created directly sharded
-  state_from_params: Any  # params -> state at step 0 with a fresh optimizer
-  train_step: Any  # (state, batch) -> (state, metrics), state donated
-  eval_step: Any  # (params, batch) -> {ce_sum, count}
-  mesh: jax.sharding.Mesh
-
-
-def setup(c: config_lib.Config, mesh: jax.sharding.Mesh) -> Setup:
-  """Abstract model -> logical shardings -> jitted create / train / eval with explicit shardings."""
-  graphdef, abstract_params, names = model_lib.abstract_model(c.model)
-  param_sh = sharding.tree_shardings(mesh, names, abstract_params)
-  tx = optim.make_optimizer(c.optim, c.train.steps)
-  lr_fn = optim.schedule(c.optim, c.train.steps)
-  ema = c.train.ema_decay > 0
-  abstract_state = jax.eval_shape(lambda p: steps.init_state(p, tx, ema), abstract_params)
-  rep = sharding.replicated(mesh)
-  opt_sh = optax.tree_utils.tree_map_params(tx, lambda _, s: s, abstract_state["opt_state"],
-                                            param_sh, transform_non_params=lambda _: rep)
-  state_sh = {"step": rep, "params": param_sh, "opt_state": opt_sh}
-  if ema:
-    state_sh["ema"] = param_sh
-  batch_sh = sharding.batch_sharding(mesh)
-  create = jax.jit(lambda: steps.init_state(model_lib.init_params(c.model, c.run.seed), tx, ema),
-                   out_shardings=state_sh)
-  from_params = jax.jit(lambda p: steps.init_state(p, tx, ema), in_shardings=(param_sh,),
-                        out_shardings=state_sh)
-  train_step = jax.jit(
-      steps.make_train_step(graphdef, tx, lr_fn, c.train.microbatches, c.optim.z_loss,
-                            c.train.ema_decay, c.mesh.context_layout),
-      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep), donate_argnums=0)
-  eval_step = jax.jit(steps.make_eval_step(graphdef, c.mesh.context_layout),
-                      in_shardings=(param_sh, batch_sh))
-  return Setup(graphdef, names, tx, lr_fn, param_sh, state_sh, batch_sh,
-               ckpt_lib.abstract_with_shardings(abstract_state, state_sh), create, from_params,
-               train_step, eval_step, mesh)
-
-
-def check_runtime(c: config_lib.Config, mesh: jax.sharding.Mesh) -> None:
-  """What depends on the devices: the batch must split over data*fsdp, microbatches and
-  processes; cuDNN attention needs an NVIDIA GPU."""
-  platform = mesh.devices.flat[0].platform
-  n = int(mesh.shape["context"])  # mesh.context=-1 resolved
-  config_lib.check_context(c, n)
-  for length in c.train.passkey_lengths:
-    config_lib.check_context_length(c.model.attention, c.mesh, n, length, "train.passkey_lengths")
-  if c.model.attention == "cudnn" and platform != "gpu":
-    raise ConfigError(f"model.attention='cudnn' needs an NVIDIA GPU but this run has {platform} "
-                      "devices; use model.attention='xla'")
-  ways = sharding.batch_divisor(mesh) * c.train.microbatches
-  if c.train.global_batch % ways:
-    raise ConfigError(
-        f"train.global_batch={c.train.global_batch} is not divisible by mesh data*fsdp "
-        f"({sharding.batch_divisor(mesh)}) x train.microbatches ({c.train.microbatches}) = "
-        f"{ways}; use a multiple of {ways}")
-  if c.train.global_batch % jax.process_count():
-    raise ConfigError(f"train.global_batch={c.train.global_batch} is not divisible by the "
-                      f"{jax.process_count()} processes")
 
 
 def train(cfg_dict: ConfigDict, stop_after: int | None = None) -> dict[str, Any]:
@@ -141,7 +68,7 @@ def _start(c: config_lib.Config, signals: cli.StopFlag) -> loop.Started:
   """Everything before the first step, in phases; a failure or a signal in any of them
   removes what this start created (the workdir itself, if it made it) and nothing else."""
   mesh = sharding.make_mesh(c.mesh)
-  check_runtime(c, mesh)
+  build.check_runtime(c, mesh)
   main_process = jax.process_index() == 0
   claim, lock, lock_note = _claim(c) if main_process else (None, None, "")
   manager = None
@@ -159,7 +86,7 @@ def _start(c: config_lib.Config, signals: cli.StopFlag) -> loop.Started:
     manager = ckpt_lib.make_manager(c.run.workdir, c.train.keep_checkpoints)
     latest = manager.latest_step()
     c, origin, changed = _origin(c, manager, latest)
-    su = setup(c, mesh)
+    su = build.setup(c, mesh)
     compiled = plan.compile_train_step(c, su.train_step, su.abstract_state, su.batch_sh)
     plan.check_fits(c, compiled, mesh.devices.flat[0])
     su = dataclasses.replace(su, train_step=compiled)
@@ -237,7 +164,7 @@ def _newest_meta(manager: Any) -> tuple[str, dict[str, Any]]:
   raise err or UserError(f"{manager.directory}: no checkpoint has a readable meta")
 
 
-def _initial_state(c: config_lib.Config, su: Setup, mesh: jax.sharding.Mesh, manager: Any,
+def _initial_state(c: config_lib.Config, su: build.Setup, mesh: jax.sharding.Mesh, manager: Any,
                    latest: int | None, origin: Any, data_iter: Any) -> tuple[Any, int, str]:
   """(state, start step, how it started): resume, init.from_path, or random init."""
   if latest is not None:
@@ -266,38 +193,12 @@ def _with_lr(c: config_lib.Config, lr: float | None, where: Any) -> config_lib.C
   return dataclasses.replace(c, optim=dataclasses.replace(c.optim, lr=float(lr)))
 
 
-def parse_config(argv: list[str]) -> ConfigDict:
-  """--config with its overrides applied, every failure as one ConfigError line.
-
-  ml_collections defers errors: an unknown override key raises AttributeError while flags
-  parse, and a config file that fails to load raises only when the config is first read.
-  """
-  try:
-    flags.FLAGS(argv)
-    cfg = _CONFIG.value
-    if cfg is None:
-      raise ConfigError("--config is required, e.g. --config=configs/demo/pretrain.py")
-    cfg.to_dict()
-  except ConfigError:
-    raise
-  except (AttributeError, KeyError) as e:
-    what = str(e.args[0] if e.args else e).strip("'\" ")
-    keys = [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
-    what = next((k for k in keys if k.split(".")[-1] == what), what)
-    raise ConfigError(f"an override names a config key that does not exist: {what}; "
-                      "configs/base.py lists every key") from None
-  except Exception as e:  # a bad flag value, a missing config file, or one that raised
-    lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
-    raise ConfigError(f"--config: {lines[-1] if lines else repr(e)}") from None
-  return cfg
-
-
 def main(argv: list[str] | None = None) -> int:
   return cli.run(_main, argv)
 
 
 def _main(argv: list[str]) -> int:
-  cfg = parse_config([sys.argv[0], *argv])
+  cfg = configfile.parse([sys.argv[0], *argv])
   logging.set_verbosity(logging.WARNING)
   cli.quiet_library_errors()
   distributed.initialize()

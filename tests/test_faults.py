@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jmid import train
+from jmid import build
 from tests.helpers import fill, run_configdict, small_fs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,7 +161,7 @@ def test_skipped_step_leaves_the_state_unchanged(tmp_path):
   c.optim.lr, c.optim.warmup_steps, c.mesh.fsdp, c.mesh.data = 1e38, 0, 1, 1
   cfg = config_lib.from_configdict(c)
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-  su = train.setup(cfg, mesh)
+  su = build.setup(cfg, mesh)
   from tests.helpers import synthetic_batch
   with jax.set_mesh(mesh):
     state = su.create_state()

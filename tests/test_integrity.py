@@ -21,7 +21,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jmid import checkpoint as ckpt_lib
 from jmid import config as config_lib
-from jmid import export, handoff, integrity, sharding, train
+from jmid import build, export, handoff, integrity, sharding, train
 from jmid.checkpoint import DamagedCheckpoint
 from jmid.data import pipeline
 from tests.helpers import run_configdict
@@ -48,7 +48,7 @@ def kit(source, cache_dir):
   resume(workdir) -> restore_latest_intact(...) + the data iterator it set."""
   c = config_lib.from_configdict(_cfg(source, cache_dir))
   mesh = sharding.make_mesh(c.mesh)
-  su = train.setup(c, mesh)
+  su = build.setup(c, mesh)
   srcs = pipeline.open_sources(c.data)
 
   def new_iter():

@@ -183,6 +183,23 @@ def test_eval_batches_fixed_and_held_out(two_sources):
   assert trained <= set(train.tolist())  # only source a, only train docs
 
 
+def test_shuffle_seed_changes_the_order_and_keeps_the_split(two_sources):
+  """A stage branched from a run sets its own order; its held-out documents stay held out."""
+  cfg = data_cfg(two_sources, {"a": 0.5, "b": 0.5})
+  train, _ = pipeline.split_indices(60, 0.1, 0)
+  allowed = set(train.tolist()) | {d + 500 for d in pipeline.split_indices(60, 0.1, 0)[0]}
+
+  def first(c: DataConfig, n: int = 6) -> list[np.ndarray]:
+    it = train_it(c, batch_size=4, seed=0)
+    return [next(it)["inputs"] for _ in range(n)]
+
+  same = first(dataclasses.replace(cfg, shuffle_seed=0))  # run.seed given explicitly
+  other = first(dataclasses.replace(cfg, shuffle_seed=7))
+  assert all(np.array_equal(x, y) for x, y in zip(first(cfg), same))
+  assert not any(np.array_equal(x, y) for x, y in zip(same, other))
+  assert set().union(*(set((b[b != 0] // 1000).tolist()) for b in other)) <= allowed
+
+
 def test_mixture_weights_give_row_shares(two_sources):
   cfg = data_cfg(two_sources, {"a": 0.75, "b": 0.25})
   it = train_it(cfg, batch_size=8, seed=0)

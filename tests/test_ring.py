@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 from jmid import config as config_lib
-from jmid import plan, ring, sharding, train
+from jmid import build, plan, ring, sharding
 from pallas_kernels import reference
 from pallas_kernels.blocks import Cfg
 from tests.helpers import synthetic_batch, tiny_configdict
@@ -126,7 +126,7 @@ def _train(c, n_steps=3):
   """(losses, grad norms, final params as numpy) of n_steps train steps on fixed batches."""
   devices = jax.devices()[:c.mesh.data * c.mesh.fsdp * c.mesh.tensor * c.mesh.context]
   mesh = sharding.make_mesh(c.mesh, devices)
-  su = train.setup(c, mesh)
+  su = build.setup(c, mesh)
   with jax.set_mesh(mesh):
     state = su.create_state()
     losses, norms = [], []
@@ -178,7 +178,7 @@ def test_context_splits_the_activation_memory():
                         attention="pallas")
     devices = jax.devices()[:context]
     mesh = sharding.make_mesh(c.mesh, devices)
-    su = train.setup(c, mesh)
+    su = build.setup(c, mesh)
     with jax.set_mesh(mesh):
       compiled = plan.compile_train_step(c, su.train_step, su.abstract_state, su.batch_sh)
     return compiled.memory_analysis().temp_size_in_bytes

@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from jmid import config as config_lib
 from jmid.errors import ConfigError
-from jmid import sharding, train
+from jmid import build, sharding
 from tests.helpers import synthetic_batch, tiny_configdict
 
 
@@ -25,7 +25,7 @@ def _config(data: int, fsdp: int, tensor: int, attention: str = "xla",
 
 def _losses(c: config_lib.Config, devices, n_steps: int = 3) -> list[float]:
   mesh = sharding.make_mesh(c.mesh, devices)
-  su = train.setup(c, mesh)
+  su = build.setup(c, mesh)
   with jax.set_mesh(mesh):
     state = su.create_state()
     out = []
@@ -55,7 +55,7 @@ def test_pallas_attention_under_a_mesh_matches_xla_on_one_device():
 def test_parameters_carry_the_rule_shardings():
   c = _config(1, 4, 2)
   mesh = sharding.make_mesh(c.mesh, jax.devices())
-  su = train.setup(c, mesh)
+  su = build.setup(c, mesh)
   with jax.set_mesh(mesh):
     state = su.create_state()
   p = state["params"]
@@ -76,7 +76,7 @@ def test_parameters_carry_the_rule_shardings():
 def test_fsdp8_stores_an_eighth_per_device():
   c = _config(1, 8, 1)
   mesh = sharding.make_mesh(c.mesh, jax.devices())
-  su = train.setup(c, mesh)
+  su = build.setup(c, mesh)
   with jax.set_mesh(mesh):
     params = su.create_state()["params"]
   total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))

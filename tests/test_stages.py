@@ -15,7 +15,7 @@ import pytest
 from jmid import checkpoint as ckpt_lib
 from jmid import config as config_lib
 from jmid import model as model_lib
-from jmid import sharding, train
+from jmid import build, sharding, train
 from jmid.config import MeshConfig
 from jmid.errors import UserError
 from jmid.data import pipeline
@@ -157,7 +157,7 @@ def test_restore_onto_another_mesh_carries_the_new_shardings(tmp_path, cache_dir
   cd.train.ema_decay = 0.5
   c = config_lib.from_configdict(cd)
   mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, tensor=2, context=1), jax.devices()[:4])
-  su = train.setup(c, mesh)
+  su = build.setup(c, mesh)
   srcs = pipeline.open_sources(c.data)
   it = pipeline.train_iterator(c.data, srcs, batch_size=8, seed=0)
   manager = ckpt_lib.make_manager(str(source), 3)

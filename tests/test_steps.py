@@ -5,7 +5,7 @@ import jax
 import numpy as np
 
 from jmid import config as config_lib
-from jmid import sharding, train
+from jmid import build, sharding
 from tests.helpers import tiny_configdict
 from tests.helpers import synthetic_batch
 
@@ -17,7 +17,7 @@ def _run(microbatches: int, steps: int, same_batch: bool) -> list[float]:
   c.optim.lr = 1e-2
   cfg = config_lib.from_configdict(c)
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-  su = train.setup(cfg, mesh)
+  su = build.setup(cfg, mesh)
   with jax.set_mesh(mesh):
     state = su.create_state()
     losses = []
@@ -46,7 +46,7 @@ def test_ema_follows_the_params_with_its_decay():
   c.train.ema_decay = 0.75
   cfg = config_lib.from_configdict(c)
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-  su = train.setup(cfg, mesh)
+  su = build.setup(cfg, mesh)
   with jax.set_mesh(mesh):
     state = su.create_state()
     p0 = jax.tree.map(np.asarray, state["params"])

@@ -17,9 +17,12 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.run.workdir = "runs/demo-midtrain"
   c.run.name = "demo-midtrain"
   # The pretrain run's last checkpoint before its WSD decay (steps 180-240) began: still at its
-  # peak lr. Params only: fresh optimizer, step 0, fresh data.
+  # peak lr. Params and AdamW moments (a warm optimizer: no shock at 3e-3), step 0.
   c.init.from_path = "runs/demo-pretrain/checkpoints/160"
-  c.init.load = "params"
+  c.init.load = "params+optimizer"
+  # Its own document order (the eval split stays run.seed's): with the pretrain's order it
+  # would re-read the documents the pretrain read first and learn little from them.
+  c.data.shuffle_seed = 1
   # Token proportions, blended linearly from the first stage to the second (SmolLM3-style shift
   # from general text toward math and code), with a steady share of chat.
   c.data.mixture = (

@@ -15,6 +15,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.run.name = "demo-sft"
   c.init.from_path = "runs/demo-midtrain"  # its final (annealed) checkpoint, params only
   c.init.load = "params"
+  c.data.shuffle_seed = 2  # not the mid-train's order: it trained on the chat source too
   c.data.mixture = ((0, {"chat": 1.0}),)  # tutoring conversations, loss on the tutor's turns
   c.data.mixture_interpolation = "step"
   c.optim.lr_from_checkpoint = False  # the anneal ended at 0: SFT warms up to its own lr

@@ -8,8 +8,10 @@ How the trainer uses it:
   evals = eval_batches(cfg.data, srcs, batch_size=..., n_batches=..., seed=cfg.run.seed)
 
 A source held out by split (no eval_path) loses a seeded ~eval_fraction of its documents to
-eval; `seed` picks that split and the shuffle order, so keep it fixed across the stages of one
-lineage or documents held out in one stage may be trained on in the next. Sources whose weight
+eval; `seed` (run.seed) picks that split, so keep it fixed across the stages of one lineage or
+documents held out in one stage may be trained on in the next. It also picks the document order
+unless data.shuffle_seed is set: a stage branched from a run sets its own, not to re-read the
+documents that run read first. Sources whose weight
 is 0 all along still get eval batches, so a run can watch what it does not train on.
 """
 
@@ -168,10 +170,12 @@ def train_iterator(cfg: DataConfig, srcs: Sources, *, batch_size: int, seed: int
 
   Per source: train documents of this process's shard, shuffled afresh each epoch, split to fit
   a row and packed; rows are then drawn by the mixture schedule (one step = batch_size rows).
+  `seed` picks the eval split; the order and the draws use cfg.shuffle_seed when it is set.
   """
   _check_process(process_index, process_count)
   sched = schedule(cfg, srcs)
   _check_memory(cfg, list(srcs.specs.values()), batch_size)
+  order = seed if cfg.shuffle_seed == -1 else cfg.shuffle_seed
   rows = []
   for name in srcs.names:
     train, _ = _splits(srcs, name, cfg.eval_fraction, seed)
@@ -185,8 +189,8 @@ def train_iterator(cfg: DataConfig, srcs: Sources, *, batch_size: int, seed: int
     rows.append(packing.packed_rows(
         srcs.train[name], shard, seq_len=cfg.seq_len, packing=packing_for(cfg, srcs.specs[name]),
         repeat=True,
-        shuffle_seed=_source_seed(seed, name) if cfg.shuffle else None))
-  mixed = mixture.ScheduledMixIterDataset(rows, sched, batch_size, seed)
+        shuffle_seed=_source_seed(order, name) if cfg.shuffle else None))
+  mixed = mixture.ScheduledMixIterDataset(rows, sched, batch_size, order)
   return JsonSafeIterator(iter(packing.batches(mixed, batch_size)))
 
 
