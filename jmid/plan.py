@@ -38,10 +38,13 @@ TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
 
 
 def compile_train_step(c: config_lib.Config, train_step: Any, abstract_state: Any,
-                       batch_sh: jax.sharding.Sharding) -> Any:
-  """The jitted train_step lowered for this config's state and batch, compiled."""
+                       batch_sh: jax.sharding.NamedSharding) -> Any:
+  """The jitted train_step lowered for this config's state and batch, compiled, under the
+  batch's mesh: tracing reads it (activation constraints, the Pallas kernel per device in
+  shard_map, ring attention when mesh.context > 1); without it they silently fall away."""
   batch = steps.abstract_batch(c.train.global_batch, c.data.seq_len, batch_sh)
-  return train_step.lower(abstract_state, batch).compile()
+  with jax.set_mesh(batch_sh.mesh):
+    return train_step.lower(abstract_state, batch).compile()
 
 
 def memory(compiled: Any) -> dict[str, int] | None:

@@ -178,9 +178,19 @@ def test_context_splits_the_activation_memory():
                         attention="pallas")
     devices = jax.devices()[:context]
     mesh = sharding.make_mesh(c.mesh, devices)
-    su = build.setup(c, mesh)
-    with jax.set_mesh(mesh):
-      compiled = plan.compile_train_step(c, su.train_step, su.abstract_state, su.batch_sh)
+    su = build.setup(c, mesh)  # compiled as train compiles it: no mesh set around it
+    compiled = plan.compile_train_step(c, su.train_step, su.abstract_state, su.batch_sh)
     return compiled.memory_analysis().temp_size_in_bytes
   one, four = temp_bytes(1), temp_bytes(4)
   assert 0.15 < four / one < 0.4, (one, four)
+
+
+def test_the_step_train_compiles_runs_the_ring():
+  """train compiles its step ahead of time (plan.compile_train_step), outside any mesh
+  context: traced without the mesh, mesh.context=2 would silently be attention on gathered K/V,
+  with no ring (and no per-device Pallas call, which Mosaic refuses outright on TPU)."""
+  c = _context_config(2)
+  mesh = sharding.make_mesh(c.mesh, jax.devices()[:2])
+  su = build.setup(c, mesh)
+  hlo = plan.compile_train_step(c, su.train_step, su.abstract_state, su.batch_sh).as_text()
+  assert "collective-permute" in hlo  # K/V passed around the ring
