@@ -42,6 +42,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.model.sliding_window = 0  # attend to at most this many tokens back (Mistral); 0 = all
   c.model.attention = "xla"  # xla | cudnn | pallas (ours: Triton GPU, Mosaic TPU, CPU interpret)
   c.model.remat = "none"  # none | full | dots | dots_no_batch: what the layer scan saves
+  # One compiled layer body looped n_layers times (fast compiles) or the layers unrolled (XLA
+  # may schedule across layers; its FLOPs count covers every layer, jmid.plan shows it).
+  c.model.scan_layers = True
   c.model.param_dtype = "float32"  # dtype params are stored (and optimized) in
   c.model.compute_dtype = "float32"  # matmul dtype; bfloat16 on accelerators
   c.model.init_std = 0.02  # std of the normal init of projections and embeddings

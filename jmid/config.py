@@ -79,6 +79,7 @@ class ModelConfig:
   rope_beta_slow: float = 1.0
   rope_attention_factor: float = 0.0
   sliding_window: int = 0
+  scan_layers: bool = True  # False: the layers unrolled (longer compile; XLA counts every layer)
 
   @property
   def dh(self) -> int:

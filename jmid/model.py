@@ -148,7 +148,7 @@ class Decoder(nnx.Module):
 
     if cfg.remat != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    x_bte, _ = jax.lax.scan(body, x_bte, stacked)
+    x_bte, _ = jax.lax.scan(body, x_bte, stacked, unroll=1 if cfg.scan_layers else True)
 
     x_bte = self.final_norm(x_bte)
     head_ev = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -160,7 +161,7 @@ def target_devices(topology: str) -> tuple[list[jax.Device], str]:
 class Plan:
   """What one compile of the train step says; as_json gives the stable JSON keys."""
 
-  memory: dict[str, int]
+  memory: dict[str, int | None]  # per device; None: the compiler stopped before counting
   params_bytes: int
   optimizer_bytes: int
   hbm_bytes: int | None
@@ -171,6 +172,7 @@ class Plan:
   device_kind: str
   devices: str
   mesh: dict[str, int]
+  layers_scanned: bool  # XLA's cost analysis counts a loop body once, not per iteration
 
   @property
   def fits(self) -> bool | None:
@@ -182,7 +184,7 @@ class Plan:
             "fits": self.fits, "flops_per_step": self.flops_per_step,
             "model_flops_per_step": self.model_flops_per_step,
             "compile_seconds": self.compile_seconds, "device_kind": self.device_kind,
-            "devices": self.devices, "mesh": self.mesh}
+            "devices": self.devices, "mesh": self.mesh, "layers_scanned": self.layers_scanned}
 
 
 def make_plan(c: config_lib.Config, devices: Sequence[jax.Device], what: str) -> Plan:
@@ -190,19 +192,41 @@ def make_plan(c: config_lib.Config, devices: Sequence[jax.Device], what: str) ->
   mesh = sharding.make_mesh(c.mesh, devices)
   build.check_runtime(c, mesh)
   su = build.setup(c, mesh)
+  params, opt = (_shard_bytes(su.abstract_state[k]) for k in ("params", "opt_state"))
+  model_flops = metrics.flops_per_token(c.model, c.data.seq_len) * (
+      c.train.global_batch * c.data.seq_len)
+  kind, mesh_sizes = devices[0].device_kind, {k: int(v) for k, v in mesh.shape.items()}
   t0 = time.perf_counter()
-  compiled = compile_train_step(c, su.train_step, su.abstract_state, su.batch_sh)
+  try:
+    compiled = compile_train_step(c, su.train_step, su.abstract_state, su.batch_sh)
+  except Exception as e:  # the TPU compiler refuses a program beyond HBM: that is the verdict
+    oom = _compiler_oom(e)
+    if oom is None:
+      raise
+    temp, hbm = oom
+    mem = {"argument_bytes": None, "output_bytes": None, "temp_bytes": temp,
+           "alias_bytes": None, "per_device_bytes": params + opt + temp}
+    return Plan(mem, params, opt, hbm, f"{kind} HBM the compiler can use", None, model_flops,
+                round(time.perf_counter() - t0, 2), kind, what, mesh_sizes, c.model.scan_layers)
   seconds = time.perf_counter() - t0
   mem = memory(compiled)
   if mem is None:
     raise UserError(f"XLA gives no memory analysis for {what}; nothing to plan with")
   hbm, hbm_what = device_capacity(devices[0])
-  tokens = c.train.global_batch * c.data.seq_len
-  return Plan(mem, _shard_bytes(su.abstract_state["params"]),
-              _shard_bytes(su.abstract_state["opt_state"]), hbm, hbm_what,
-              _xla_flops(compiled, len(devices)),
-              metrics.flops_per_token(c.model, c.data.seq_len) * tokens, round(seconds, 2),
-              devices[0].device_kind, what, {k: int(v) for k, v in mesh.shape.items()})
+  return Plan(mem, params, opt, hbm, hbm_what, _xla_flops(compiled, len(devices)), model_flops,
+              round(seconds, 2), kind, what, mesh_sizes, c.model.scan_layers)
+
+
+_OOM = re.compile(r"temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
+
+
+def _compiler_oom(e: Exception) -> tuple[int, int] | None:
+  """(temporaries, usable HBM) in bytes from the TPU compiler's out-of-memory refusal."""
+  m = _OOM.search(str(e))
+  if m is None:
+    return None
+  unit = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+  return (int(float(m.group(1)) * unit[m.group(2)]), int(float(m.group(3)) * unit[m.group(4)]))
 
 
 def _shard_bytes(tree: Any) -> int:
@@ -232,11 +256,14 @@ def report(p: Plan, name: str) -> str:
   rest = m["per_device_bytes"] - p.params_bytes - p.optimizer_bytes
   mesh = " ".join(f"{k}={v}" for k, v in p.mesh.items())
   have = f" of {_gib(p.hbm_bytes)} ({p.hbm_what})" if p.hbm_bytes else ""
-  flops = (f"{p.flops_per_step:.3e} (XLA, a scanned layer counted once)" if p.flops_per_step
-           else "? (XLA gives none)")
+  once = ", the scanned layers counted once: model.scan_layers=False counts all" \
+      if p.layers_scanned else ""
+  flops = f"{p.flops_per_step:.3e} (XLA{once})" if p.flops_per_step else "? (XLA gives none)"
   verdict = {True: "fits", False: "DOES NOT FIT", None: "capacity unknown"}[p.fits]
   return "\n".join([
-      f"jmid plan: {name} on {p.devices} | mesh {mesh} | compiled in {p.compile_seconds:.1f} s",
+      f"jmid plan: {name} on {p.devices} | mesh {mesh} | "
+      + (f"compiled in {p.compile_seconds:.1f} s" if m["argument_bytes"] is not None else
+         f"the compiler refused it, out of memory, after {p.compile_seconds:.1f} s"),
       f"per device: params {_gib(p.params_bytes)} + optimizer {_gib(p.optimizer_bytes)} + "
       f"activations and temporaries {_gib(rest)} = {_gib(m['per_device_bytes'])}{have}: "
       f"{verdict}",

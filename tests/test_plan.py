@@ -41,14 +41,49 @@ def test_plan_of_the_demo_on_local_devices_is_the_compiled_steps_memory(tmp_path
   assert got["model_flops_per_step"] > 0 and got["flops_per_step"] > 0
 
 
-def test_an_8b_shape_that_cannot_fit_is_exit_3_with_what_to_change(capsys):
-  shape = ["--config.model.d_model=4096", "--config.model.n_layers=32",
+EIGHT_B = ["--config.model.d_model=4096", "--config.model.n_layers=32",
            "--config.model.n_heads=32", "--config.model.n_kv_heads=8",
            "--config.model.d_ff=14336", "--config.model.vocab_size=128256",
            "--config.data.seq_len=1024", "--config.train.global_batch=8"]
-  assert plan.main([DEMO, *shape]) == 3
+
+
+def test_an_8b_shape_that_cannot_fit_is_exit_3_with_what_to_change(capsys):
+  assert plan.main([DEMO, *EIGHT_B]) == 3
   out = capsys.readouterr().out
   assert "DOES NOT FIT" in out and "jmid plan: try " in out and "model.remat" in out
+
+
+def test_a_tpu_slice_compiles_the_pallas_step_and_refuses_an_8b_shape(tmp_path, capfd):
+  """libtpu's compile-only v5e:2x2 on this CPU: the demo with our Mosaic kernel (per device in
+  shard_map: Mosaic cannot be partitioned) fits a chip's 16 GiB; an 8B shape does not, which
+  the TPU compiler itself says, with its numbers."""
+  out = tmp_path / "tpu.json"
+  tpu = ["--topology=v5e:2x2", "--config.model.attention=pallas", "--config.mesh.fsdp=4"]
+  assert plan.main([DEMO, *tpu, f"--json={out}"]) == 0
+  got = json.loads(out.read_text())
+  assert got["device_kind"] == "TPU v5 lite" and got["hbm_bytes"] == 16 * 2**30
+  assert got["fits"] is True and got["mesh"]["fsdp"] == 4
+  assert capfd.readouterr().err == ""  # libtpu's warnings about a host without TPUs dropped
+  assert plan.main([DEMO, *tpu, *EIGHT_B, f"--json={out}"]) == 3
+  got = json.loads(out.read_text())
+  assert got["fits"] is False and got["temp_bytes"] > got["hbm_bytes"] > 15 * 2**30
+  assert "the compiler refused it" in capfd.readouterr().out
+
+
+def test_the_model_flops_formula_agrees_with_xla_within_5_percent():
+  """jmid's formula (6 x matmul params + causal attention; what MFU divides by) against XLA's
+  count of the compiled step, layers unrolled (XLA counts a scanned body once); XLA also
+  counts norms, softmax and the optimizer, and attention's masked half: it runs ~3% above."""
+  for d, layers, heads, kv, ff, seq, vocab in ((512, 4, 8, 8, 1536, 128, 384),
+                                               (768, 2, 12, 4, 2048, 256, 384),
+                                               (1024, 2, 8, 2, 4096, 512, 4096)):
+    cd = configfile.parse(["plan", DEMO, "--config.train.global_batch=4"])
+    cd.model.update(d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv, d_ff=ff,
+                    vocab_size=vocab, scan_layers=False)
+    cd.data.seq_len = seq
+    c = config_lib.from_configdict(cd)
+    p = plan.make_plan(c, jax.devices()[:1], "1 cpu device")
+    assert p.flops_per_step == pytest.approx(p.model_flops_per_step, rel=0.05), (d, layers)
 
 
 @pytest.mark.parametrize("topology", ["h100", "v9z:2x2", "v5e"])
