@@ -12,6 +12,8 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import glob
+import importlib.util
 import logging
 import os
 import signal
@@ -101,9 +103,25 @@ def error(message: str) -> None:
   print(f"jmid: error: {clean(message)}", file=sys.stderr, flush=True)
 
 
+def cpu_when_libtpu_has_no_chip() -> None:
+  """libtpu installed on a host with no TPU (for jmid.plan, or the test extra) makes jax try
+  its TPU backend first: screens of warnings on stderr and a host-wide lockfile taken, then
+  the CPU anyway. Where no TPU or GPU device exists, jax goes straight to the CPU. Before any
+  backend starts; an explicit JAX_PLATFORMS is left alone."""
+  if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+    return
+  chips = glob.glob("/dev/accel*") + glob.glob("/dev/vfio/[0-9]*") + glob.glob("/dev/nvidia[0-9]*")
+  if chips:
+    return
+  import jax
+  with contextlib.suppress(Exception):  # a backend already started: too late, harmless
+    jax.config.update("jax_platforms", "cpu")
+
+
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
   """Calls main(argv) (default: sys.argv[1:]) and returns the process exit code."""
   argv = list(sys.argv[1:] if argv is None else argv)
+  cpu_when_libtpu_has_no_chip()
   try:
     return main(argv) or 0
   except UserError as e:

@@ -22,7 +22,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -36,6 +36,20 @@ GIB = 2**30
 HBM_BYTES = {"TPU v4": 32 * GIB, "TPU v5 lite": 16 * GIB, "TPU v5e": 16 * GIB,
              "TPU v5p": 95 * GIB, "TPU v6 lite": 32 * GIB, "TPU v6e": 32 * GIB}
 TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
+# GPU name -> (device_kind, memory as nvidia-smi reports it). A GPU target is an estimate: jax
+# offers no compile-only GPU devices, so the step compiles for CPU stand-ins of the same mesh.
+GPUS = {"h100": ("NVIDIA H100 80GB HBM3", 81559 * 2**20),
+        "h200": ("NVIDIA H200", 143771 * 2**20),
+        "a100": ("NVIDIA A100-SXM4-80GB", 81920 * 2**20)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """Where the step is compiled for: its devices, and for a GPU estimate the GPU it stands for."""
+
+  devices: list[jax.Device]
+  what: str
+  gpu: tuple[str, int] | None = None  # (device_kind, memory bytes) of the GPU estimated
 
 
 def compile_train_step(c: config_lib.Config, train_step: Any, abstract_state: Any,
@@ -131,22 +145,38 @@ def check_fits(c: config_lib.Config, compiled: Any, device: jax.Device) -> None:
                   f"{', '.join(hints(c, jax.device_count(), device.platform))}")
 
 
-def target_devices(topology: str) -> tuple[list[jax.Device], str]:
-  """(devices, what they are) for --topology: '' is the local devices; a TPU slice name gives
-  libtpu's compile-only devices (its start-up chatter on stderr is dropped)."""
+def target(topology: str) -> Target:
+  """The devices for --topology: '' is the local devices; a TPU slice name gives libtpu's
+  compile-only devices (its start-up chatter on stderr is dropped); 'h100:16' gives 16 CPU
+  stand-ins (set before jax starts its CPU backend when this process has not yet)."""
   if not topology:
     devices = jax.devices()
-    return devices, f"{len(devices)} local {devices[0].platform} device(s)"
-  generation = topology.split(":", 1)[0].lower()
-  if generation not in TPU_GENERATIONS or ":" not in topology:
+    return Target(devices, f"{len(devices)} local {devices[0].platform} device(s)")
+  generation, _, count = topology.lower().partition(":")
+  if generation in GPUS:
+    if not count.isdigit() or int(count) < 1:
+      raise UserError(f"--topology={topology}: name the GPU count, e.g. {generation}:8")
+    n = int(count)
+    with contextlib.suppress(Exception):  # refused once the CPU backend has started
+      jax.config.update("jax_num_cpu_devices", n)
+    cpus = jax.devices("cpu")
+    if len(cpus) < n:
+      raise UserError(f"--topology={topology}: this process already has {len(cpus)} CPU "
+                      "devices to stand in for the GPUs; run jmid.plan in a fresh process")
+    kind, hbm = GPUS[generation]
+    return Target(cpus[:n], f"{n} x {kind}, an ESTIMATE from CPU stand-ins", (kind, hbm))
+  if generation not in TPU_GENERATIONS or not count:
     raise UserError(f"--topology={topology}: use a TPU slice name such as v5e:2x2, v5p:2x2x1, "
-                    f"v6e:4x4 (generations {', '.join(TPU_GENERATIONS)}), or leave it out for "
-                    "the local devices")
+                    f"v6e:4x4 (generations {', '.join(TPU_GENERATIONS)}), a GPU count such as "
+                    f"h100:8 ({', '.join(GPUS)}), or leave it out for the local devices")
   if importlib.util.find_spec("libtpu") is None:  # jax finds the TPU plugin through it
     raise UserError(f"--topology={topology} compiles through libtpu, which is not installed; "
                     "pip install -e '.[tpu]' (it installs on any Linux x86 host)")
   from jax.experimental import topologies
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # not on a TPU VM: no metadata server
+  # compile-only use touches no chip: another jax process holding libtpu's lockfile (any jax
+  # started without JAX_PLATFORMS=cpu on a host with libtpu) must not stop the plan
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     with _stderr_dropped():
       devices = list(topologies.get_topology_desc(platform="tpu",
@@ -154,7 +184,8 @@ def target_devices(topology: str) -> tuple[list[jax.Device], str]:
   except Exception as e:
     raise UserError(f"--topology={topology}: libtpu knows no such slice ({_first(e)}); use "
                     "a name such as v5e:2x2 or v5p:2x2x1") from None
-  return devices, f"{len(devices)} {devices[0].device_kind} chips ({topology}, compile-only)"
+  return Target(devices, f"{len(devices)} {devices[0].device_kind} chips ({topology}, "
+                "compile-only)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +204,7 @@ class Plan:
   devices: str
   mesh: dict[str, int]
   layers_scanned: bool  # XLA's cost analysis counts a loop body once, not per iteration
+  estimate: bool = False  # compiled for CPU stand-ins of the target (a GPU target)
 
   @property
   def fits(self) -> bool | None:
@@ -184,18 +216,25 @@ class Plan:
             "fits": self.fits, "flops_per_step": self.flops_per_step,
             "model_flops_per_step": self.model_flops_per_step,
             "compile_seconds": self.compile_seconds, "device_kind": self.device_kind,
-            "devices": self.devices, "mesh": self.mesh, "layers_scanned": self.layers_scanned}
+            "devices": self.devices, "mesh": self.mesh, "layers_scanned": self.layers_scanned,
+            "estimate": self.estimate}
 
 
-def make_plan(c: config_lib.Config, devices: Sequence[jax.Device], what: str) -> Plan:
-  """Builds and compiles the config's train step on `devices`; nothing is allocated."""
+def make_plan(c: config_lib.Config, t: Target) -> Plan:
+  """Builds and compiles the config's train step for the target; nothing is allocated. For a
+  GPU estimate cuDNN attention compiles as our flash kernel (interpreted on the CPU: the
+  same blockwise memory), so the stand-ins hold no [T, T] scores it would not."""
+  devices, what = t.devices, t.what
+  if t.gpu and c.model.attention == "cudnn":
+    c = dataclasses.replace(c, model=dataclasses.replace(c.model, attention="pallas"))
   mesh = sharding.make_mesh(c.mesh, devices)
   build.check_runtime(c, mesh)
   su = build.setup(c, mesh)
   params, opt = (_shard_bytes(su.abstract_state[k]) for k in ("params", "opt_state"))
   model_flops = metrics.flops_per_token(c.model, c.data.seq_len) * (
       c.train.global_batch * c.data.seq_len)
-  kind, mesh_sizes = devices[0].device_kind, {k: int(v) for k, v in mesh.shape.items()}
+  kind = t.gpu[0] if t.gpu else devices[0].device_kind
+  mesh_sizes = {k: int(v) for k, v in mesh.shape.items()}
   t0 = time.perf_counter()
   try:
     compiled = compile_train_step(c, su.train_step, su.abstract_state, su.batch_sh)
@@ -207,14 +246,15 @@ def make_plan(c: config_lib.Config, devices: Sequence[jax.Device], what: str) ->
     mem = {"argument_bytes": None, "output_bytes": None, "temp_bytes": temp,
            "alias_bytes": None, "per_device_bytes": params + opt + temp}
     return Plan(mem, params, opt, hbm, f"{kind} HBM the compiler can use", None, model_flops,
-                round(time.perf_counter() - t0, 2), kind, what, mesh_sizes, c.model.scan_layers)
+                round(time.perf_counter() - t0, 2), kind, what, mesh_sizes, c.model.scan_layers,
+                bool(t.gpu))
   seconds = time.perf_counter() - t0
   mem = memory(compiled)
   if mem is None:
     raise UserError(f"XLA gives no memory analysis for {what}; nothing to plan with")
-  hbm, hbm_what = device_capacity(devices[0])
+  hbm, hbm_what = (t.gpu[1], f"{kind} memory") if t.gpu else device_capacity(devices[0])
   return Plan(mem, params, opt, hbm, hbm_what, _xla_flops(compiled, len(devices)), model_flops,
-              round(seconds, 2), kind, what, mesh_sizes, c.model.scan_layers)
+              round(seconds, 2), kind, what, mesh_sizes, c.model.scan_layers, bool(t.gpu))
 
 
 _OOM = re.compile(r"temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
@@ -284,11 +324,12 @@ def _main(argv: list[str]) -> int:
   if any(not a.startswith("--config") for a in rest):
     raise UserError(usage)
   c = config_lib.from_configdict(configfile.parse([sys.argv[0], *rest]))
-  devices, what = target_devices(ours.get("topology", ""))
-  p = make_plan(c, devices, what)
+  t = target(ours.get("topology", ""))
+  p = make_plan(c, t)
   print(report(p, c.run.name or "config"))
   if p.fits is False:
-    print(f"jmid plan: try {', '.join(hints(c, len(devices), devices[0].platform))}")
+    platform = "gpu" if t.gpu else t.devices[0].platform
+    print(f"jmid plan: try {', '.join(hints(c, len(t.devices), platform))}")
   if "json" in ours:
     tmp = ours["json"] + ".tmp"
     with open(tmp, "w") as f:

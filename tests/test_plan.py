@@ -3,6 +3,9 @@ its figures are the compiled step's own memory analysis, and a step that cannot 
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -11,6 +14,7 @@ from jmid import build, configfile, plan, sharding
 from jmid import config as config_lib
 
 DEMO = "--config=configs/demo/pretrain.py"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_plan_of_the_demo_on_local_devices_is_the_compiled_steps_memory(tmp_path, capsys):
@@ -82,8 +86,29 @@ def test_the_model_flops_formula_agrees_with_xla_within_5_percent():
                     vocab_size=vocab, scan_layers=False)
     cd.data.seq_len = seq
     c = config_lib.from_configdict(cd)
-    p = plan.make_plan(c, jax.devices()[:1], "1 cpu device")
+    p = plan.make_plan(c, plan.Target(jax.devices()[:1], "1 cpu device"))
     assert p.flops_per_step == pytest.approx(p.model_flops_per_step, rel=0.05), (d, layers)
+
+
+def test_a_gpu_target_is_an_estimate_on_cpu_stand_ins(tmp_path, capsys):
+  """No compile-only GPU devices exist in jax: h100:N compiles for N CPU stand-ins of the same
+  mesh and says so, with the GPU's memory. A fresh process makes as many stand-ins as named;
+  one whose CPU backend has started uses what it has, or says to start afresh."""
+  out = tmp_path / "gpu.json"
+  assert plan.main([DEMO, "--topology=h100:4", f"--json={out}"]) == 0
+  got = json.loads(out.read_text())
+  assert got["estimate"] is True and got["device_kind"] == "NVIDIA H100 80GB HBM3"
+  assert got["hbm_bytes"] == 81559 * 2**20 and got["mesh"]["fsdp"] == 4
+  assert "an ESTIMATE from CPU stand-ins" in capsys.readouterr().out
+  assert plan.main([DEMO, "--topology=h200:64"]) == 2
+  assert "run jmid.plan in a fresh process" in capsys.readouterr().err
+  # no JAX_PLATFORMS: with libtpu installed (the test extra) on a host without TPUs, the CLI
+  # goes to the CPU without libtpu's screens of warnings
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  proc = subprocess.run([sys.executable, "-m", "jmid.plan", DEMO, "--topology=h200:16"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+  assert "16 x NVIDIA H200, an ESTIMATE" in proc.stdout and "fsdp=16" in proc.stdout
 
 
 @pytest.mark.parametrize("topology", ["h100", "v9z:2x2", "v5e"])
