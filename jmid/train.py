@@ -67,6 +67,7 @@ def _claim(c: config_lib.Config) -> tuple[workdir_lib.Claim, workdir_lib.Lock, s
 def _start(c: config_lib.Config, signals: cli.StopFlag) -> loop.Started:
   """Everything before the first step, in phases; a failure or a signal in any of them
   removes what this start created (the workdir itself, if it made it) and nothing else."""
+  distributed.same_config(dataclasses.asdict(c))
   mesh = sharding.make_mesh(c.mesh)
   build.check_runtime(c, mesh)
   main_process = jax.process_index() == 0

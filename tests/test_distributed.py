@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -91,3 +92,41 @@ def test_two_processes_resume_exactly_and_hand_over_to_one(tmp_path):
     assert len(a) == len(b) and len(a) > 3
   for x, y in zip(jax.tree.leaves(saved["params"]), jax.tree.leaves(loaded["params"])):
     np.testing.assert_array_equal(x, y)
+
+
+def _start_job(tmp_path, extras, env_extra=None):
+  """Starts one process per entry of `extras` (its own overrides) as one job; [(rc, stderr)]."""
+  port = _free_port()
+  procs = []
+  for i, extra in enumerate(extras):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JMID_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JMID_NUM_PROCESSES=str(len(extras)),
+               JMID_PROCESS_ID=str(i), **(env_extra or {}))
+    procs.append(subprocess.Popen(_cmd(str(tmp_path / "w"), str(tmp_path / "cache"), 4, *extra),
+                                  cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  return [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=300)]]
+
+
+@pytest.mark.slow
+def test_processes_with_different_configs_all_stop_naming_the_key(tmp_path):
+  runs = _start_job(tmp_path, [[], ["--config.optim.lr=0.001"]])
+  for rc, err in runs:
+    assert rc == 2 and "Traceback" not in err, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert "run different configs (process(es) 1 differ from process 0" in line, line
+    assert "optim.lr" in line, line
+  assert not (tmp_path / "w").exists()  # stopped before anything was written
+
+
+def test_an_unreachable_coordinator_is_one_line_within_the_timeout(tmp_path):
+  """Process 1 of 2 with no process 0 anywhere: XLA would abort with a stack dump after its
+  own wait; jmid waits JMID_INIT_TIMEOUT seconds for the port and says what to do."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JMID_NUM_PROCESSES="2", JMID_PROCESS_ID="1",
+             JMID_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JMID_INIT_TIMEOUT="3")
+  t0 = time.monotonic()
+  proc = subprocess.run(_cmd(str(tmp_path / "w"), str(tmp_path / "cache"), 4), cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and time.monotonic() - t0 < 60, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "did not answer within 3 s" in lines[0], lines
