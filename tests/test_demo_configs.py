@@ -18,10 +18,12 @@ def test_each_demo_stage_validates_and_points_at_the_previous_one():
   assert post.init.from_path == mid.run.workdir
   assert mid.model == pre.model == post.model
   ext = config_lib.from_configdict(longctx.get_config())
-  stages = (pre, mid, post, ext)  # one eval split; each stage its own document order
-  assert len({s.run.seed for s in stages}) == 1
-  orders = [s.run.seed if s.data.shuffle_seed == -1 else s.data.shuffle_seed for s in stages]
-  assert len(set(orders)) == len(stages), orders
+  assert len({s.run.seed for s in (pre, mid, post, ext)}) == 1  # one eval split
+  # mid-train and SFT each read in their own order (the context extension measured better in
+  # the pretrain's: configs/demo/longctx.py)
+  orders = [s.run.seed if s.data.shuffle_seed == -1 else s.data.shuffle_seed
+            for s in (pre, mid, post)]
+  assert len(set(orders)) == 3, orders
 
 
 def test_midtrain_branches_from_a_kept_checkpoint_at_the_peak_lr():
