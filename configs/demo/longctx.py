@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.init.from_path = "runs/demo-pretrain/checkpoints/160"  # stable phase, still at peak lr
   c.init.load = "params"
   # The pretrain's document order (data.shuffle_seed unset), unlike the mid-train: measured,
-  # its own order or a warm optimizer left the held-out loss at 256 tokens 2-7% higher here
+  # its own order or a warm optimizer left the held-out loss at 256 tokens 1-9% higher here
   # (README, "Planning a context extension").
   c.model.rope_theta = 40000.0  # 4x the pretraining base for 4x the context
   c.data.seq_len = 1024
