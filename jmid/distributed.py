@@ -55,7 +55,10 @@ def initialize() -> None:
     timeout = _timeout()
     address = os.environ[ENV[0]]
     left = timeout if i == 0 else _wait_for(address, timeout)  # process 0 is the coordinator
+    # given by hand: no cluster detection, which inside SLURM's srun would keep only GPU
+    # $SLURM_LOCALID of a node (its one-process-per-GPU convention) where jmid runs one per node
     jax.distributed.initialize(address, num_processes=n, process_id=i,
+                               cluster_detection_method="deactivate",
                                initialization_timeout=max(1, int(left)))
   elif _cluster_detected():
     jax.distributed.initialize(initialization_timeout=_timeout())
