@@ -29,7 +29,7 @@ import jax
 
 from jmid import build, cli, configfile, metrics, sharding, steps
 from jmid import config as config_lib
-from jmid.errors import UserError
+from jmid.errors import UserError, first_line
 
 GIB = 2**30
 # HBM per chip by device_kind (datasheets): compile-only devices report no memory stats.
@@ -182,7 +182,7 @@ def target(topology: str) -> Target:
       devices = list(topologies.get_topology_desc(platform="tpu",
                                                   topology_name=topology).devices)
   except Exception as e:
-    raise UserError(f"--topology={topology}: libtpu knows no such slice ({_first(e)}); use "
+    raise UserError(f"--topology={topology}: libtpu knows no such slice ({first_line(e)}); use "
                     "a name such as v5e:2x2 or v5p:2x2x1") from None
   return Target(devices, f"{len(devices)} {devices[0].device_kind} chips ({topology}, "
                 "compile-only)")
@@ -351,11 +351,6 @@ def _stderr_dropped() -> Iterator[None]:
     os.dup2(saved, 2)
     os.close(saved)
     os.close(devnull)
-
-
-def _first(e: BaseException) -> str:
-  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-  return lines[0] if lines else type(e).__name__
 
 
 def _gib(n: int) -> str:
