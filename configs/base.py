@@ -55,6 +55,12 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.mesh.tensor = 1  # heads / MLP / vocab sharded
   c.mesh.context = 1  # sequence sharded over this many devices (ring attention, jmid/ring.py)
   c.mesh.context_layout = "zigzag"  # 2 mirrored chunks per device: equal causal work; or contiguous
+  # Across nodes (GPU: one process per node) or TPU slices, over DCN / InfiniBand: the axes
+  # above are then the layout inside one node/slice and these say how many nodes/slices the
+  # data and fsdp axes span (the mesh's data axis is data * dcn_data). Data parallelism across
+  # nodes all-reduces gradients once per step; fsdp across nodes gathers params every layer.
+  c.mesh.dcn_data = 0  # 0 = every node/slice that dcn_fsdp does not take; 1 = one flat mesh
+  c.mesh.dcn_fsdp = 1
 
   c.data = ConfigDict()
   c.data.demo = False  # build the built-in demo corpus (code, math, text) and use its sources

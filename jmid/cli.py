@@ -34,6 +34,7 @@ class StopFlag:
 
   def __init__(self) -> None:
     self.signum = 0
+    self.elsewhere = False  # the signal went to another process of the job (StopVote)
 
   def __call__(self, signum: int, frame: Any) -> None:
     del frame
@@ -56,7 +57,7 @@ class StopFlag:
     finally:
       for s, h in old.items():
         signal.signal(s, h)
-      self.signum = 0
+      self.signum, self.elsewhere = 0, False
 
   def check(self, what_now: str = "nothing was changed; the next run starts normally") -> None:
     if self.signum:

@@ -94,6 +94,8 @@ class MeshConfig:
   tensor: int
   context: int
   context_layout: str = "zigzag"
+  dcn_data: int = 0  # nodes/slices the data axis spans (over DCN/InfiniBand); 0 = all of them
+  dcn_fsdp: int = 1  # nodes/slices the fsdp axis spans
 
   def context_chunks(self, n: int) -> int:
     """How many equal chunks a row is cut into for `n`-way context parallelism."""
@@ -330,6 +332,9 @@ def validate(c: Config) -> None:
   _check([c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.context].count(-1) <= 1,
          "mesh: at most one axis may be -1 (the remaining devices)")
   _choice("mesh.context_layout", c.mesh.context_layout, CONTEXT_LAYOUTS)
+  _check(c.mesh.dcn_data >= 0, f"mesh.dcn_data={c.mesh.dcn_data}: must be >= 1, or 0 for every "
+         "node/slice the fsdp axis does not span")
+  _check(c.mesh.dcn_fsdp >= 1, f"mesh.dcn_fsdp={c.mesh.dcn_fsdp}: must be >= 1")
   if c.mesh.context > 1:
     check_context(c, c.mesh.context)
 

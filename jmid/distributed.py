@@ -3,7 +3,8 @@
 One process per host (GPU node, TPU VM) or per group of devices. Three ways, first match wins:
 - JMID_COORDINATOR_ADDRESS=host:port, JMID_NUM_PROCESSES=N, JMID_PROCESS_ID=i set by hand or by
   a launcher (launch/ scripts; also how tests start several CPU processes on one machine);
-- SLURM with more than one task, or a multi-host TPU slice: jax detects the cluster itself;
+- SLURM with more than one task, or a TPU VM slice of several hosts (GKE, gcloud, multislice):
+  jax detects the cluster itself;
 - otherwise a single process, and nothing to do.
 
 The wait for the coordinator is bounded (JMID_INIT_TIMEOUT seconds, default 300): XLA aborts
@@ -15,6 +16,7 @@ the first key that differs, before anything is written.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import socket
@@ -32,10 +34,30 @@ _NOTE = 240  # bytes of each process's note on how its config differs
 
 
 def _cluster_detected() -> bool:
-  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    return True
+  """SLURM with several tasks, or a TPU VM whose slice(s) span several hosts; jax's own cluster
+  detection then finds the coordinator and this process's place."""
+  return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or tpu_hosts() > 1
+
+
+def tpu_hosts() -> int:
+  """Hosts of this TPU VM's job: GKE names them (TPU_WORKER_HOSTNAMES), a TPU VM created with
+  gcloud lists them in its metadata, multislice multiplies by MEGASCALE_NUM_SLICES; 1 off a
+  TPU VM (jax decides that at import: libtpu and TPU chips on this host)."""
+  from jax._src import cloud_tpu_init
+  if not cloud_tpu_init.running_in_cloud_tpu_vm:
+    return 1
+  slices = os.environ.get("MEGASCALE_NUM_SLICES", "1")
+  slices = int(slices) if slices.isdigit() else 1
   hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return "," in hosts
+  if hosts:
+    return slices * len(hosts.split(","))
+  try:  # the metadata server of a TPU VM (jax's own reader; private, so guarded)
+    from jax._src.clusters.cloud_tpu_cluster import GceTpuCluster
+    if GceTpuCluster.is_env_present():
+      return slices * len(GceTpuCluster._get_worker_list_in_slice())
+  except Exception:
+    pass
+  return slices
 
 
 def initialize() -> None:
@@ -135,6 +157,37 @@ def barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+class StopVote:
+  """Whether any process of the job got SIGINT/SIGTERM, so that all stop after the same step:
+  a scheduler may signal one process of a job (one node's preemption), and a process that
+  stopped alone would leave the others waiting in a collective. Each step adds each process's
+  signal number to a tiny max-reduction over the devices, dispatched with the step; the result
+  is read LAG steps later, when the device has long computed it, so the loop does not wait on
+  it, and every process reads the same value at the same step. Alone, the own flag decides."""
+
+  LAG = 2
+
+  def __init__(self, mesh: jax.sharding.Mesh) -> None:
+    self.multi = jax.process_count() > 1
+    self.pending: collections.deque = collections.deque()
+    if self.multi:
+      import jax.numpy as jnp
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      self.sharding = NamedSharding(mesh, P(mesh.axis_names))  # one value per device
+      self.local = len(mesh.local_devices)
+      self.reduce = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
+
+  def after_step(self, signum: int) -> int:
+    """The signal every process agrees to stop for after this step (0: go on)."""
+    if not self.multi:
+      return signum
+    mine = np.full(self.local, signum, np.int32)
+    flags = jax.make_array_from_process_local_data(self.sharding, mine,
+                                                   (jax.device_count(),))
+    self.pending.append(self.reduce(flags))
+    return int(self.pending.popleft()) if len(self.pending) > self.LAG else 0
 
 
 def process_shard() -> dict[str, int]:

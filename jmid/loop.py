@@ -155,14 +155,16 @@ def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> d
 
   step = run.start
   end = c.train.steps if stop_after is None else min(c.train.steps, run.start + stop_after)
+  vote, stop_for = distributed.StopVote(su.mesh), 0
   try:
     if c.train.steps == 0 == run.start:  # a 0-step run evaluates where it starts
       record = {**first, **evaluate(run.state["params"])}
       writer.write(0, record)
       last = {"step": 0, **record}
-    while step < end and not signals.signum:
+    while step < end and not stop_for:
       run.state, m = su.train_step(run.state, sharding.to_global(mix.add(next(data_iter)), su.batch_sh))
       step += 1
+      stop_for = vote.after_step(signals.signum)  # every process: the same step, the same answer
       since_log += 1
       skips.add(step, m)
       if step == run.start + 1:  # the first step carries compilation: keep it out of tok/s
@@ -197,6 +199,8 @@ def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> d
         since_log = 0
       if step % c.train.checkpoint_every_steps == 0 and step < c.train.steps:
         save(step, run.state)
+    if stop_for and not signals.signum:  # another process was signalled: stop as it does
+      signals.signum, signals.elsewhere = stop_for, True
     if manager.latest_step() != step:
       save(step, run.state)
     try:

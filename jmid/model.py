@@ -137,7 +137,11 @@ class Decoder(nnx.Module):
       positions_bt = jnp.broadcast_to(jnp.arange(inputs_bt.shape[1]), inputs_bt.shape)
     if segment_ids_bt is None:
       segment_ids_bt = jnp.ones_like(inputs_bt)
-    x_bte = jnp.take(self.embed[...], inputs_bt, axis=0).astype(cd)
+    # the table gathered whole over fsdp first, as FSDP does for every weight: the lookup's
+    # gradient then reduce-scatters into the table; left to itself, XLA re-lays the [B, T, E]
+    # activations out as the table (E over fsdp, replicated over data), gathering all of them
+    table_ve = sharding.constrain(self.embed[...], ("vocab", None))
+    x_bte = jnp.take(table_ve, inputs_bt, axis=0).astype(cd)
     x_bte = sharding.constrain(x_bte, ("batch", "length", None))
 
     graphdef, stacked = nnx.split(self.blocks)

@@ -1,6 +1,7 @@
 """Compile the train step ahead of time, from abstract shapes, and say whether it fits.
 
-    python -m jmid.plan --config=C [--config.k=v ...] [--topology=NAME] [--json=FILE]
+    python -m jmid.plan --config=C [--config.k=v ...] [--topology=NAME] [--slices=N]
+                        [--json=FILE]
 
 builds the real train step for the config's mesh on a target and compiles it without
 allocating an array, then prints per-device memory (params, optimizer state, the rest:
@@ -8,7 +9,7 @@ activations and temporaries) against the device's memory, FLOPs per step (XLA's 
 jmid's model formula) and a verdict: exit 0 when it fits, 3 when it does not, 2 for bad input.
 Targets: the local devices (exact; no --topology) or a TPU slice (`v5e:2x2`, `v5p:4x4x4`,
 `v6e:8x8`: libtpu's compile-only devices on any host, exact, Mosaic kernels included; the
-`tpu` extra installs libtpu). train runs the same check on its own step before allocating.
+`tpu` extra installs libtpu; --slices=N joins N of them over DCN for mesh.dcn_*). train runs the same check on its own step before allocating.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -41,6 +42,7 @@ TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
 GPUS = {"h100": ("NVIDIA H100 80GB HBM3", 81559 * 2**20),
         "h200": ("NVIDIA H200", 143771 * 2**20),
         "a100": ("NVIDIA A100-SXM4-80GB", 81920 * 2**20)}
+GPUS_PER_NODE = 8  # an HGX node: NVLink inside, InfiniBand between nodes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Target:
   devices: list[jax.Device]
   what: str
   gpu: tuple[str, int] | None = None  # (device_kind, memory bytes) of the GPU estimated
+  granule_of: Callable[[jax.Device], int] = sharding.granule  # node/slice of a device
 
 
 def compile_train_step(c: config_lib.Config, train_step: Any, abstract_state: Any,
@@ -145,10 +148,16 @@ def check_fits(c: config_lib.Config, compiled: Any, device: jax.Device) -> None:
                   f"{', '.join(hints(c, jax.device_count(), device.platform))}")
 
 
-def target(topology: str) -> Target:
+def target(topology: str, slices: int = 1) -> Target:
   """The devices for --topology: '' is the local devices; a TPU slice name gives libtpu's
-  compile-only devices (its start-up chatter on stderr is dropped); 'h100:16' gives 16 CPU
-  stand-ins (set before jax starts its CPU backend when this process has not yet)."""
+  compile-only devices (its start-up chatter on stderr is dropped), `slices` of them joined
+  over DCN; 'h100:16' gives 16 CPU stand-ins in nodes of 8 (set before jax starts its CPU
+  backend when this process has not yet)."""
+  if slices < 1:
+    raise UserError(f"--slices={slices}: must be >= 1")
+  if slices > 1 and not topology.lower().startswith(TPU_GENERATIONS):
+    raise UserError("--slices joins TPU slices; give a TPU --topology (for GPUs, count them: "
+                    "h100:16 is two nodes of 8)")
   if not topology:
     devices = jax.devices()
     return Target(devices, f"{len(devices)} local {devices[0].platform} device(s)")
@@ -157,6 +166,9 @@ def target(topology: str) -> Target:
     if not count.isdigit() or int(count) < 1:
       raise UserError(f"--topology={topology}: name the GPU count, e.g. {generation}:8")
     n = int(count)
+    if n > GPUS_PER_NODE and n % GPUS_PER_NODE:
+      raise UserError(f"--topology={topology}: more than one node takes a multiple of "
+                      f"{GPUS_PER_NODE} GPUs")
     with contextlib.suppress(Exception):  # refused once the CPU backend has started
       jax.config.update("jax_num_cpu_devices", n)
     cpus = jax.devices("cpu")
@@ -164,7 +176,10 @@ def target(topology: str) -> Target:
       raise UserError(f"--topology={topology}: this process already has {len(cpus)} CPU "
                       "devices to stand in for the GPUs; run jmid.plan in a fresh process")
     kind, hbm = GPUS[generation]
-    return Target(cpus[:n], f"{n} x {kind}, an ESTIMATE from CPU stand-ins", (kind, hbm))
+    nodes = f" in {n // GPUS_PER_NODE} nodes" if n > GPUS_PER_NODE else ""
+    first = cpus[0].id
+    return Target(cpus[:n], f"{n} x {kind}{nodes}, an ESTIMATE from CPU stand-ins", (kind, hbm),
+                  lambda d: (d.id - first) // GPUS_PER_NODE)
   if generation not in TPU_GENERATIONS or not count:
     raise UserError(f"--topology={topology}: use a TPU slice name such as v5e:2x2, v5p:2x2x1, "
                     f"v6e:4x4 (generations {', '.join(TPU_GENERATIONS)}), a GPU count such as "
@@ -179,12 +194,13 @@ def target(topology: str) -> Target:
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     with _stderr_dropped():
-      devices = list(topologies.get_topology_desc(platform="tpu",
-                                                  topology_name=topology).devices)
+      devices = list(topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                                  num_slices=slices).devices)
   except Exception as e:
     raise UserError(f"--topology={topology}: libtpu knows no such slice ({first_line(e)}); use "
                     "a name such as v5e:2x2 or v5p:2x2x1") from None
-  return Target(devices, f"{len(devices)} {devices[0].device_kind} chips ({topology}, "
+  joined = f" x {slices} slices over DCN" if slices > 1 else ""
+  return Target(devices, f"{len(devices)} {devices[0].device_kind} chips ({topology}{joined}, "
                 "compile-only)")
 
 
@@ -227,7 +243,7 @@ def make_plan(c: config_lib.Config, t: Target) -> Plan:
   devices, what = t.devices, t.what
   if t.gpu and c.model.attention == "cudnn":
     c = dataclasses.replace(c, model=dataclasses.replace(c.model, attention="pallas"))
-  mesh = sharding.make_mesh(c.mesh, devices)
+  mesh = sharding.make_mesh(c.mesh, devices, t.granule_of)
   build.check_runtime(c, mesh)
   su = build.setup(c, mesh)
   params, opt = (_shard_bytes(su.abstract_state[k]) for k in ("params", "opt_state"))
@@ -317,14 +333,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
   usage = "usage: python -m jmid.plan --config=C [--config.k=v ...] [--topology=NAME] " \
-          "[--json=FILE]"
-  ours = {a.split("=", 1)[0][2:]: a.split("=", 1)[1] for a in argv
-          if a.startswith(("--topology=", "--json="))}
-  rest = [a for a in argv if not a.startswith(("--topology=", "--json="))]
+          "[--slices=N] [--json=FILE]"
+  flags = ("--topology=", "--slices=", "--json=")
+  ours = {a.split("=", 1)[0][2:]: a.split("=", 1)[1] for a in argv if a.startswith(flags)}
+  rest = [a for a in argv if not a.startswith(flags)]
   if any(not a.startswith("--config") for a in rest):
     raise UserError(usage)
   c = config_lib.from_configdict(configfile.parse([sys.argv[0], *rest]))
-  t = target(ours.get("topology", ""))
+  slices = ours.get("slices", "1")
+  if not slices.isdigit():
+    raise UserError(f"--slices={slices}: must be a whole number")
+  t = target(ours.get("topology", ""), int(slices))
   p = make_plan(c, t)
   print(report(p, c.run.name or "config"))
   if p.fits is False:

@@ -8,11 +8,12 @@ model still runs on a large mesh (the batch is the exception: config validation 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jmid.config import MeshConfig
@@ -52,11 +53,60 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
-def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 4-axis mesh (data, fsdp, tensor, context) with Auto axis types."""
+def granule(device: jax.Device) -> int:
+  """The node or slice a device belongs to, i.e. what the links between them are slow across:
+  a TPU slice (DCN between slices); elsewhere a process, since jmid runs one per GPU node."""
+  return int(getattr(device, "slice_index", 0)) if device.platform == "tpu" else device.process_index
+
+
+def dcn_shape(cfg: MeshConfig, n_granules: int) -> tuple[int, int]:
+  """(dcn_data, dcn_fsdp): how many nodes/slices the data and fsdp axes span."""
+  if n_granules % cfg.dcn_fsdp:
+    raise ConfigError(f"mesh.dcn_fsdp={cfg.dcn_fsdp} does not divide the {n_granules} "
+                      "nodes/slices of this job; use a divisor of it")
+  dcn_data = cfg.dcn_data or n_granules // cfg.dcn_fsdp
+  if dcn_data * cfg.dcn_fsdp not in (1, n_granules):
+    raise ConfigError(f"mesh.dcn_data*dcn_fsdp = {dcn_data}*{cfg.dcn_fsdp} but this job has "
+                      f"{n_granules} nodes/slices; make the product {n_granules} (or set "
+                      "mesh.dcn_data=0 for the rest)")
+  return dcn_data, cfg.dcn_fsdp
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None,
+              granule_of: Callable[[jax.Device], int] = granule) -> Mesh:
+  """A 4-axis mesh (data, fsdp, tensor, context) with Auto axis types.
+
+  Over several nodes/slices it is a hybrid mesh: data, fsdp, tensor and context lay out the
+  devices of one node/slice (fast links: NVLink, ICI) and dcn_data/dcn_fsdp repeat that block
+  across nodes/slices, so only the collectives of those two axes cross the slow links.
+  """
   devices = list(devices) if devices is not None else jax.devices()
-  shape = mesh_shape(cfg, len(devices))
-  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+  groups: dict[int, list[jax.Device]] = {}
+  for d in devices:
+    groups.setdefault(granule_of(d), []).append(d)
+  dcn = dcn_shape(cfg, len(groups))
+  axis_types = (AxisType.Auto,) * len(AXES)
+  if math.prod(dcn) == 1:
+    shape = mesh_shape(cfg, len(devices))
+    return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
+  sizes = {len(g) for g in groups.values()}
+  if len(sizes) > 1:
+    raise ConfigError(f"mesh: the nodes/slices hold different numbers of devices "
+                      f"({sorted(sizes)}); give every node the same number of devices")
+  per = sizes.pop()
+  try:
+    inner = mesh_shape(cfg, per)
+  except ConfigError as e:
+    raise ConfigError(f"{e} (of one node/slice: mesh.data/fsdp/tensor/context lay out the {per} "
+                      f"devices of each of the {len(groups)} nodes/slices; mesh.dcn_data/dcn_fsdp "
+                      "span nodes)") from None
+  blocks = np.empty(dcn, dtype=object)
+  for i, key in enumerate(sorted(groups)):
+    blocks[np.unravel_index(i, dcn)] = mesh_utils.create_device_mesh(
+        inner, groups[key], allow_split_physical_axes=True)
+  # (dcn_data, dcn_fsdp) blocks of inner meshes -> axis a has size inner[a] * dcn[a]
+  rows = [np.concatenate(list(blocks[i]), axis=1) for i in range(dcn[0])]
+  return Mesh(np.concatenate(rows, axis=0), AXES, axis_types=axis_types)
 
 
 def logical_spec(names: Names, shape: Sequence[int] | None = None,

@@ -50,7 +50,8 @@ def train(cfg_dict: ConfigDict, stop_after: int | None = None) -> dict[str, Any]
     finally:
       if run.lock:
         run.lock.release()
-    stop.check(f"checkpoint saved at step {last['step']}; run the same command to resume")
+    where = "another process of this job got it; " if stop.elsewhere else ""
+    stop.check(f"{where}checkpoint saved at step {last['step']}; run the same command to resume")
   return last
 
 

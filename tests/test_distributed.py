@@ -1,7 +1,9 @@
 """Two real processes (4 CPU devices each, gloo collectives) through `python -m jmid.train`:
-exact resume with per-process data state, and a 2-process checkpoint handed to one process."""
+exact resume with per-process data state, a 2-process checkpoint handed to one process, hybrid
+meshes across the processes (each standing for a node), a signal to one process stopping both."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -34,7 +36,13 @@ def _free_port():
 
 
 def _run(n_proc, workdir, cache, steps, *extra):
-  """Starts n_proc processes of one job (8 devices in all); returns [(rc, stderr)]."""
+  """Runs n_proc processes of one job (8 devices in all); returns [(rc, stderr)]."""
+  procs = _spawn(n_proc, workdir, cache, steps, *extra)
+  return [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=600)]]
+
+
+def _spawn(n_proc, workdir, cache, steps, *extra):
+  """Starts n_proc processes of one job (8 devices in all)."""
   port = _free_port()
   procs = []
   for i in range(n_proc):
@@ -46,7 +54,7 @@ def _run(n_proc, workdir, cache, steps, *extra):
     procs.append(subprocess.Popen(_cmd(str(workdir), str(cache), steps, *extra), cwd=ROOT,
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True))
-  return [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=600)]]
+  return procs
 
 
 def _read(state_dir):
@@ -75,6 +83,15 @@ def test_two_processes_resume_exactly_and_hand_over_to_one(tmp_path):
   assert all(rc == 0 for rc, _ in again), again[0][1][-2000:]
   assert _losses(resumed) == _losses(straight)  # bit for bit, data order included
 
+  # Each process stands for a node. By default (mesh.dcn_data=0) the data axis crosses them
+  # (data=2 across x data=2, fsdp=2 inside); a flat mesh, or fsdp across the nodes (which puts
+  # each process's rows at other places of the global batch), trains alike.
+  for name, extra in (("flat", "--config.mesh.dcn_data=1"), ("fsdp", "--config.mesh.dcn_fsdp=2")):
+    runs = _run(2, tmp_path / name, cache, 8, extra)
+    assert all(rc == 0 for rc, _ in runs), runs[0][1][-2000:]
+    np.testing.assert_allclose(list(_losses(tmp_path / name).values()),
+                               list(_losses(straight).values()), rtol=1e-5)
+
   # One process cannot continue the data stream of two: one clear line, nothing touched.
   (rc, err), = _run(1, resumed, cache, 12)
   assert rc == 2 and "Traceback" not in err
@@ -92,6 +109,35 @@ def test_two_processes_resume_exactly_and_hand_over_to_one(tmp_path):
     assert len(a) == len(b) and len(a) > 3
   for x, y in zip(jax.tree.leaves(saved["params"]), jax.tree.leaves(loaded["params"])):
     np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_both_at_the_same_step_and_resumes_exactly(tmp_path):
+  """A scheduler preempting one node signals one process: both save the same step (they agree
+  through a collective dispatched with the steps) and exit 128 + the signal, and the same
+  command resumes exactly."""
+  cache, steps = tmp_path / "cache", 24
+  straight = _run(2, tmp_path / "straight", cache, steps)
+  assert all(rc == 0 for rc, _ in straight), straight[0][1][-2000:]
+  stopped = tmp_path / "stopped"
+  procs = _spawn(2, stopped, cache, steps)
+  metrics, deadline = stopped / "metrics.jsonl", time.time() + 300
+  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 6):
+    assert all(p.poll() is None for p in procs) and time.time() < deadline, "ended too soon"
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  ends = [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=300)]]
+  lines = [err.strip().splitlines()[-1] for _, err in ends]
+  assert [rc for rc, _ in ends] == [128 + signal.SIGTERM] * 2, ends[0][1][-2000:]
+  saved = {line.rsplit("checkpoint saved at step ", 1)[-1].split(";")[0] for line in lines}
+  assert len(saved) == 1, lines  # the same step on both
+  step = int(saved.pop())
+  assert step < steps and "another process of this job got it" in lines[0], lines
+  assert sorted(f for f in os.listdir(stopped / "checkpoints" / str(step) / "data")
+                if "process" in f) == ["process_0-of-2.json", "process_1-of-2.json"]
+  again = _run(2, stopped, cache, steps)
+  assert all(rc == 0 for rc, _ in again), again[0][1][-2000:]
+  assert _losses(stopped) == _losses(tmp_path / "straight")
 
 
 def _start_job(tmp_path, extras, env_extra=None):
@@ -130,3 +176,21 @@ def test_an_unreachable_coordinator_is_one_line_within_the_timeout(tmp_path):
   assert proc.returncode == 2 and time.monotonic() - t0 < 60, proc.stderr[-2000:]
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and "did not answer within 3 s" in lines[0], lines
+
+
+def test_a_multi_host_tpu_vm_is_detected_from_its_environment(monkeypatch):
+  """jax decides at import whether this is a TPU VM (libtpu and chips); here it is not, so the
+  test says it is, as jax would, and gives the hosts as GKE and multislice do."""
+  from jax._src import cloud_tpu_init
+  from jmid import distributed
+  monkeypatch.delenv("SLURM_NTASKS", raising=False)
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "h0,h1,h2,h3")
+  assert distributed.tpu_hosts() == 1 and not distributed._cluster_detected()  # not a TPU VM
+  monkeypatch.setattr(cloud_tpu_init, "running_in_cloud_tpu_vm", True)
+  assert distributed.tpu_hosts() == 4 and distributed._cluster_detected()
+  monkeypatch.setenv("MEGASCALE_NUM_SLICES", "2")
+  assert distributed.tpu_hosts() == 8
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "h0")
+  monkeypatch.setenv("MEGASCALE_NUM_SLICES", "1")
+  monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")  # one host, no metadata server to ask
+  assert distributed.tpu_hosts() == 1 and not distributed._cluster_detected()

@@ -72,6 +72,12 @@ def test_a_tpu_slice_compiles_the_pallas_step_and_refuses_an_8b_shape(tmp_path, 
   got = json.loads(out.read_text())
   assert got["fits"] is False and got["temp_bytes"] > got["hbm_bytes"] > 15 * 2**30
   assert "the compiler refused it" in capfd.readouterr().out
+  # two slices joined over DCN: the data axis crosses them, fsdp stays inside each slice
+  assert plan.main([DEMO, "--topology=v5e:2x2", "--slices=2", "--config.mesh.fsdp=-1",
+                    f"--json={out}"]) == 0
+  got = json.loads(out.read_text())
+  assert got["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1, "context": 1}
+  assert "x 2 slices over DCN" in got["devices"]
 
 
 def test_the_model_flops_formula_agrees_with_xla_within_5_percent():
@@ -108,10 +114,12 @@ def test_a_gpu_target_is_an_estimate_on_cpu_stand_ins(tmp_path, capsys):
   proc = subprocess.run([sys.executable, "-m", "jmid.plan", DEMO, "--topology=h200:16"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-  assert "16 x NVIDIA H200, an ESTIMATE" in proc.stdout and "fsdp=16" in proc.stdout
+  # two nodes of 8: data parallel across them (mesh.dcn_data=0), fsdp over the 8 inside
+  assert "16 x NVIDIA H200 in 2 nodes, an ESTIMATE" in proc.stdout, proc.stdout
+  assert "data=2 fsdp=8" in proc.stdout
 
 
-@pytest.mark.parametrize("topology", ["h100", "v9z:2x2", "v5e"])
+@pytest.mark.parametrize("topology", ["h100", "v9z:2x2", "v5e", "h100:12"])
 def test_an_unknown_target_is_one_line(topology, capsys):
   assert plan.main([DEMO, f"--topology={topology}"]) == 2
   err = capsys.readouterr().err.strip().splitlines()

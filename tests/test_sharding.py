@@ -1,5 +1,8 @@
-"""Meshes: same loss on any factorisation, shardings follow the rules, FSDP really shards."""
+"""Meshes: same loss on any factorisation (hybrid node meshes too), shardings follow the rules,
+FSDP really shards."""
 
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -23,8 +26,9 @@ def _config(data: int, fsdp: int, tensor: int, attention: str = "xla",
   return config_lib.from_configdict(c)
 
 
-def _losses(c: config_lib.Config, devices, n_steps: int = 3) -> list[float]:
-  mesh = sharding.make_mesh(c.mesh, devices)
+def _losses(c: config_lib.Config, devices, n_steps: int = 3,
+            granule_of=sharding.granule) -> list[float]:
+  mesh = sharding.make_mesh(c.mesh, devices, granule_of)
   su = build.setup(c, mesh)
   with jax.set_mesh(mesh):
     state = su.create_state()
@@ -95,3 +99,38 @@ def test_mesh_size_mismatch_is_a_config_error():
   with pytest.raises(ConfigError, match="mesh"):
     sharding.mesh_shape(config_lib.MeshConfig(data=3, fsdp=1, tensor=1, context=1), 8)
   assert sharding.mesh_shape(config_lib.MeshConfig(2, -1, 2, 1), 8) == (2, 2, 2, 1)
+
+
+def _nodes_of_4(d: jax.Device) -> int:
+  """Stands in for 2 nodes (or slices) of 4 devices: what a node is, on one CPU process."""
+  return d.id // 4
+
+
+def test_a_hybrid_mesh_keeps_each_node_in_one_block_and_trains_the_same():
+  ids = lambda m: np.vectorize(lambda d: d.id)(m.devices)  # noqa: E731
+  mesh = sharding.make_mesh(config_lib.MeshConfig(1, -1, 1, 1), jax.devices(), _nodes_of_4)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1, "context": 1}  # dcn_data=0: all
+  assert ids(mesh)[:, :, 0, 0].tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]  # data crosses nodes
+  c = config_lib.MeshConfig(2, 2, 1, 1, dcn_data=1, dcn_fsdp=2)
+  mesh = sharding.make_mesh(c, jax.devices(), _nodes_of_4)
+  assert dict(mesh.shape)["fsdp"] == 4
+  assert ids(mesh)[:, :, 0, 0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7]]  # fsdp crosses nodes
+  flat = sharding.make_mesh(config_lib.MeshConfig(1, -1, 1, 1, dcn_data=1), jax.devices(),
+                            _nodes_of_4)
+  assert dict(flat.shape)["fsdp"] == 8  # dcn_data=1 with dcn_fsdp=1: one flat mesh
+  # the same training on any of them (fsdp across nodes reorders the rows of the batch)
+  one = _losses(_config(1, 1, 1), jax.devices()[:1])
+  cfg = _config(2, 2, 1)
+  hybrid = dataclasses.replace(cfg, mesh=c)
+  np.testing.assert_allclose(_losses(hybrid, jax.devices(), granule_of=_nodes_of_4), one,
+                             rtol=2e-5)
+
+
+@pytest.mark.parametrize("mesh,match", [
+    (config_lib.MeshConfig(1, 8, 1, 1), "of one node/slice"),  # fsdp=8 inside a node of 4
+    (config_lib.MeshConfig(1, -1, 1, 1, dcn_data=3), "has 2 nodes"),
+    (config_lib.MeshConfig(1, -1, 1, 1, dcn_fsdp=4), "does not divide the 2"),
+])
+def test_hybrid_sizes_that_do_not_match_the_nodes_are_one_config_error(mesh, match):
+  with pytest.raises(ConfigError, match=match):
+    sharding.make_mesh(mesh, jax.devices(), _nodes_of_4)
