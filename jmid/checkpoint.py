@@ -34,7 +34,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jmid import cli, integrity
+from jmid import cli, fs, integrity, resume
 from jmid.errors import UserError, first_line, os_problem
 from jmid.integrity import path_str  # also ckpt_lib.path_str for the modules that name arrays
 from jmid.safetensors_io import is_hf_folder
@@ -64,7 +64,7 @@ def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   """A manager that saves whenever asked (train.py decides when) and keeps `keep` steps."""
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+  return ocp.CheckpointManager(fs.absolute(os.path.join(workdir, "checkpoints")),
                                options=options)
 
 
@@ -126,8 +126,7 @@ def _restore_data(manager: ocp.CheckpointManager, step: int, step_dir: str,
   """Sets data_iter to the step's position; a failure puts it back where it was."""
   name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
   try:
-    with open(os.path.join(step_dir, "data", name)) as f:
-      json.load(f)
+    json.loads(fs.read_text(os.path.join(step_dir, "data", name)))
   except (OSError, ValueError) as e:
     raise DamagedCheckpoint(step_dir, f"data/{name} cannot be read ({first_line(e)})") from None
   before = data_iter.get_state()
@@ -144,7 +143,7 @@ def _restore_data(manager: ocp.CheckpointManager, step: int, step_dir: str,
 def _check_process_count(step_dir: str) -> None:
   """The data iterator state is per process: an exact resume needs the same process count."""
   data = os.path.join(step_dir, "data")
-  names_ = os.listdir(data) if os.path.isdir(data) else []
+  names_ = fs.listdir(data) if fs.isdir(data) else []
   n = jax.process_count()
   if names_ and f"process_{jax.process_index()}-of-{n}.json" not in names_:
     saved = sorted({x.rsplit("-of-", 1)[-1].split(".")[0] for x in names_ if "-of-" in x})
@@ -161,15 +160,14 @@ def resolve_step_dir(path: str, what: str = "init.from_path") -> str:
 
 def step_dirs(path: str, what: str = "PATH") -> list[str]:
   """One checkpoint step folder -> [it]; a run's workdir -> its step folders, oldest first."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if os.path.isdir(os.path.join(path, "state")):
+  path = fs.absolute(path, what)
+  if fs.isdir(os.path.join(path, "state")):
     return [path]
-  if os.path.isdir(path) and is_hf_folder(path):
+  if not fs.is_remote(path) and os.path.isdir(path) and is_hf_folder(path):
     raise UserError(f"{what}={path} is a Hugging Face folder, not a jmid checkpoint; "
                     "init.from_path takes it, this command does not")
   ckpt_dir = os.path.join(path, "checkpoints")
-  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) \
-      if os.path.isdir(ckpt_dir) else []
+  steps = resume.checkpoint_steps(ckpt_dir)
   if not steps:
     raise UserError(f"{what}={path}: not a jmid workdir with checkpoints nor a checkpoint "
                     "step folder (one holding state/); point it at one")
@@ -179,11 +177,10 @@ def step_dirs(path: str, what: str = "PATH") -> list[str]:
 def read_meta(step_dir: str) -> dict[str, Any]:
   """The checkpoint's meta JSON; {} for a checkpoint written without one (e.g. by hand)."""
   path = os.path.join(step_dir, "meta", "metadata")
-  if not os.path.exists(path):
+  if not fs.exists(path):
     return {}
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(fs.read_text(path))
   except (OSError, ValueError) as e:
     raise DamagedCheckpoint(step_dir, f"meta/metadata is unreadable ({first_line(e)})") from None
 
@@ -366,7 +363,10 @@ def save_params(out_dir: str, params: Any, meta: dict[str, Any]) -> None:
   """A standalone step folder {state: {params}, meta} that init.from_path and export accept.
 
   Written into out_dir.tmp and renamed, so a crash leaves nothing that looks complete."""
-  out_dir = os.path.abspath(out_dir)
+  out_dir = fs.absolute(out_dir, "--out")
+  if fs.is_remote(out_dir):
+    raise UserError(f"--out={out_dir}: write it to a local folder, then copy it up (gcloud "
+                    "storage cp -r); init.from_path reads it from the bucket")
   tmp = out_dir + ".tmp"
   if os.path.exists(tmp):
     shutil.rmtree(tmp)

@@ -3,7 +3,6 @@ reads back as saved, from its files alone."""
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -12,6 +11,7 @@ from typing import Any
 import jax
 
 from jmid import checkpoint as ckpt_lib
+from jmid import fs
 from jmid.checkpoint import DamagedCheckpoint
 from jmid.errors import UserError, first_line
 
@@ -48,10 +48,11 @@ def verify(step_dir: str) -> tuple[bool, str]:
     except DamagedCheckpoint as e:
       bad.append(f"{key} ({e.kind})")
   problems = [f"arrays {ckpt_lib.names(bad)}"] if bad else []
-  for path in sorted(glob.glob(os.path.join(step_dir, "data", "*.json"))):
+  data = os.path.join(step_dir, "data")
+  for path in [os.path.join(data, n) for n in sorted(fs.listdir(data)) if n.endswith(".json")] \
+      if fs.isdir(data) else []:
     try:
-      with open(path) as f:
-        json.load(f)
+      json.loads(fs.read_text(path))
     except (OSError, ValueError) as e:
       problems.append(f"data/{os.path.basename(path)} ({first_line(e)})")
   if problems:
@@ -102,7 +103,7 @@ def describe(step_dir: str) -> str:
   lines.append(_model_line(meta.get("model", {})))
   order = ("params", "ema", "opt_state")
   held = ", ".join(f"{k} {groups[k] / 1e6:.2f}M values" for k in order if k in groups)
-  data = "yes" if os.path.isdir(os.path.join(step_dir, "data")) else "no"
+  data = "yes" if fs.isdir(os.path.join(step_dir, "data")) else "no"
   lines.append(f"state: {held} | data iterator: {data}")
   lines.append(f"integrity: {status}")
   lines.append("lineage:" + (" first stage (random init)" if meta and not lineage else

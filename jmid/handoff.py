@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from jmid import checkpoint as ckpt_lib
-from jmid import hf
+from jmid import fs, hf
 from jmid import sharding
 from jmid.errors import UserError
 from jmid.safetensors_io import is_hf_folder
@@ -44,8 +44,8 @@ class Source:
 
 def find(path: str) -> Source:
   """A jmid workdir or step folder, or a Hugging Face folder (meta then holds its config)."""
-  full = os.path.abspath(os.path.expanduser(path))
-  if os.path.isdir(full) and is_hf_folder(full):
+  full = fs.absolute(path, "init.from_path")
+  if not fs.is_remote(full) and os.path.isdir(full) and is_hf_folder(full):
     config = hf.read_config(full)
     arch = (config.get("architectures") or ["?"])[0]
     return Source(full, {"hf_config": config, "config": {"run": {"name": f"hf:{arch}"}}})

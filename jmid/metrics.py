@@ -11,7 +11,9 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jmid import fs
 from jmid.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per chip by device_kind substring (datasheets); CPUs have none.
@@ -61,27 +64,24 @@ class MetricsWriter:
     self._tb = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
+    fs.makedirs(workdir)
     self._truncate_after(start_step)
     self._tb = TensorBoard(os.path.join(workdir, "tensorboard"))
 
   def _truncate_after(self, step: int) -> None:
-    if not os.path.exists(self.path):
+    if not fs.exists(self.path):
       return
-    with open(self.path) as f:
-      kept = [line for line in f if _step_of(line) <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
+    kept = [line for line in fs.read_text(self.path).splitlines(keepends=True)
+            if _step_of(line) <= step]
+    fs.write_text(self.path, "".join(kept))
 
   def write(self, step: int, record: dict[str, Any], console: bool = True,
             eta_seconds: float = float("nan")) -> None:
     if not self.enabled:
       return
     record = {"step": step, **{k: _plain(v) for k, v in record.items()}}
-    with _named(self.path), open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    with _named(self.path):
+      fs.append_text(self.path, json.dumps(record) + "\n")
     self._tb.write(step, {k: v for k, v in record.items()
                           if k != "step" and isinstance(v, (int, float))})
     if console:
@@ -113,14 +113,16 @@ class MetricsWriter:
 class TensorBoard:
   """Scalars in a TensorBoard event file, written and flushed in the caller's thread at each
   log step. tensorboardX's SummaryWriter flushes from its own thread: there a full disk is a
-  traceback on stderr that no caller can catch, and the events written after it are lost."""
+  traceback on stderr that no caller can catch, and the events written after it are lost.
+  In a bucket (no appends) the file is written locally and copied up whole at each flush."""
 
   def __init__(self, logdir: str) -> None:
     from tensorboardX.event_file_writer import EventsWriter  # lazily: only process 0 writes
-    self.logdir = logdir
-    os.makedirs(logdir, exist_ok=True)
+    self.logdir, self.remote = logdir, fs.is_remote(logdir)
+    local = tempfile.mkdtemp(prefix="jmid-tensorboard-") if self.remote else logdir
+    fs.makedirs(local)
     with _named(logdir):
-      self._file = EventsWriter(os.path.join(logdir, "events"))
+      self._file = EventsWriter(os.path.join(local, "events"))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     from tensorboardX.proto.event_pb2 import Event
@@ -130,10 +132,20 @@ class TensorBoard:
       for key, value in scalars.items():
         self._file.write_event(Event(wall_time=now, step=step, summary=scalar(key, value)))
       self._file.flush()
+      self._upload()
+
+  def _upload(self) -> None:
+    if self.remote:
+      local = self._file._file_name
+      with open(local, "rb") as f:
+        fs.write_bytes(os.path.join(self.logdir, os.path.basename(local)), f.read())
 
   def close(self) -> None:
     with _named(self.logdir):
       self._file.close()
+      self._upload()
+      if self.remote:
+        shutil.rmtree(os.path.dirname(self._file._file_name), ignore_errors=True)
 
 
 @contextlib.contextmanager

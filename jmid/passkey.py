@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from jmid import cli
+from jmid import cli, fs
 from jmid.errors import UserError
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
@@ -266,10 +266,7 @@ def _main(argv: list[str]) -> int:
   out = opts.get("out") or run.out
   record = {"checkpoint": where, "samples": samples, "seed": seed, **summary(table),
             "table": {str(n): {f"{d:g}": a for d, a in row.items()} for n, row in table.items()}}
-  tmp = out + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(record, f, indent=1)
-  os.replace(tmp, out)
+  fs.write_text(out, json.dumps(record, indent=1))
   print(f"jmid: wrote {out}")
   return 0
 

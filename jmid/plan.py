@@ -28,7 +28,7 @@ from typing import Any
 
 import jax
 
-from jmid import build, cli, configfile, metrics, sharding, steps
+from jmid import build, cli, configfile, fs, metrics, sharding, steps
 from jmid import config as config_lib
 from jmid.errors import UserError, first_line
 
@@ -350,10 +350,7 @@ def _main(argv: list[str]) -> int:
     platform = "gpu" if t.gpu else t.devices[0].platform
     print(f"jmid plan: try {', '.join(hints(c, len(t.devices), platform))}")
   if "json" in ours:
-    tmp = ours["json"] + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(p.as_json(), f, indent=1)
-    os.replace(tmp, ours["json"])
+    fs.write_text(ours["json"], json.dumps(p.as_json(), indent=1))
   return 3 if p.fits is False else 0
 
 

@@ -13,11 +13,13 @@ import os
 import time
 from typing import Any
 
+from jmid import fs
 from jmid.config import RESUME_BREAKING, RESUME_SILENT
 from jmid.errors import UserError
 
 ROLLED_BACK = "rolled-back"  # checkpoints/rolled-back-<time>/<step>: not a step Orbax lists
 MARKER = "ROLLBACK.json"
+COMMIT_MARKER = "commit_success.txt"  # what Orbax writes last into a finished step
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -63,21 +65,25 @@ def check_changes(changes: list[str], allow: bool, step_dir: str) -> str:
 
 
 def checkpoint_steps(ckpt_dir: str) -> list[int]:
-  """The finished steps in a checkpoints/ folder (Orbax names them by the step alone)."""
-  if not os.path.isdir(ckpt_dir):
+  """The finished steps in a checkpoints/ folder. Orbax names them by the step alone; locally
+  it renames a step there when it is finished, in a bucket (no renames) it writes the step in
+  place and adds COMMIT_MARKER last."""
+  if not fs.isdir(ckpt_dir):
     return []
-  return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  steps = [d for d in fs.listdir(ckpt_dir) if d.isdigit()]
+  if fs.is_remote(ckpt_dir):
+    steps = [d for d in steps if fs.exists(os.path.join(ckpt_dir, d, COMMIT_MARKER))]
+  return sorted(int(d) for d in steps)
 
 
 def _applied(ckpt_dir: str, step: int) -> str:
   """The rolled-back folder of an earlier rollback to `step`, or ''."""
-  for d in sorted(os.listdir(ckpt_dir)):
+  for d in sorted(fs.listdir(ckpt_dir)):
     marker = os.path.join(ckpt_dir, d, MARKER)
-    if d.startswith(ROLLED_BACK) and os.path.exists(marker):
+    if d.startswith(ROLLED_BACK) and fs.exists(marker):
       try:
-        with open(marker) as f:
-          if json.load(f).get("to") == step:
-            return os.path.join(ckpt_dir, d)
+        if json.loads(fs.read_text(marker)).get("to") == step:
+          return os.path.join(ckpt_dir, d)
       except (OSError, ValueError):
         continue
   return ""
@@ -108,9 +114,9 @@ def set_aside(ckpt_dir: str, steps: list[int], label: str, why: dict[str, Any]) 
   """Moves step folders into checkpoints/<label>-<time>/ (Orbax no longer lists them, nor
   deletes them, nor refuses to save a step of the same number) with a note of why."""
   aside = os.path.join(ckpt_dir, f"{label}-{time.strftime('%Y%m%d-%H%M%S')}")
-  os.makedirs(aside, exist_ok=True)
-  with open(os.path.join(aside, MARKER if label == ROLLED_BACK else "WHY.json"), "w") as f:
-    json.dump({**why, "moved": steps, "time": time.time()}, f)
+  fs.makedirs(aside)
+  fs.write_text(os.path.join(aside, MARKER if label == ROLLED_BACK else "WHY.json"),
+                json.dumps({**why, "moved": steps, "time": time.time()}))
   for s in steps:
-    os.rename(os.path.join(ckpt_dir, str(s)), os.path.join(aside, str(s)))
+    fs.rename(os.path.join(ckpt_dir, str(s)), os.path.join(aside, str(s)))
   return aside

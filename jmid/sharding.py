@@ -59,8 +59,12 @@ def granule(device: jax.Device) -> int:
   return int(getattr(device, "slice_index", 0)) if device.platform == "tpu" else device.process_index
 
 
-def dcn_shape(cfg: MeshConfig, n_granules: int) -> tuple[int, int]:
-  """(dcn_data, dcn_fsdp): how many nodes/slices the data and fsdp axes span."""
+def dcn_shape(cfg: MeshConfig, n_granules: int, per_granule: int) -> tuple[int, int]:
+  """(dcn_data, dcn_fsdp): how many nodes/slices the data and fsdp axes span. Processes of
+  one device each (one process per GPU, as some launchers start them) say nothing of nodes:
+  by default they make one flat mesh, as before there were hybrid meshes."""
+  if cfg.dcn_data == 0 and cfg.dcn_fsdp == 1 and per_granule == 1:
+    return 1, 1
   if n_granules % cfg.dcn_fsdp:
     raise ConfigError(f"mesh.dcn_fsdp={cfg.dcn_fsdp} does not divide the {n_granules} "
                       "nodes/slices of this job; use a divisor of it")
@@ -84,7 +88,7 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None,
   groups: dict[int, list[jax.Device]] = {}
   for d in devices:
     groups.setdefault(granule_of(d), []).append(d)
-  dcn = dcn_shape(cfg, len(groups))
+  dcn = dcn_shape(cfg, len(groups), len(devices) // len(groups))
   axis_types = (AxisType.Auto,) * len(AXES)
   if math.prod(dcn) == 1:
     shape = mesh_shape(cfg, len(devices))

@@ -26,7 +26,7 @@ from jmid import checkpoint as ckpt_lib
 from jmid import config as config_lib
 from jmid import distributed
 from jmid import model as model_lib
-from jmid import build, configfile, handoff, loop, passkey, plan, resume, sharding
+from jmid import build, configfile, fs, handoff, loop, passkey, plan, resume, sharding
 from jmid import workdir as workdir_lib
 from jmid.errors import UserError
 from jmid.data import pipeline
@@ -59,7 +59,7 @@ def _claim(c: config_lib.Config) -> tuple[workdir_lib.Claim, workdir_lib.Lock, s
   """Process 0 takes the workdir: refuses a folder that is not a run, and a busy one."""
   workdir_lib.check_is_run(c.run.workdir)
   claim = workdir_lib.Claim(c.run.workdir)
-  os.makedirs(c.run.workdir, exist_ok=True)
+  fs.makedirs(c.run.workdir)
   lock, note = workdir_lib.acquire(c.run.workdir)
   claim.snapshot()
   return claim, lock, note
@@ -102,7 +102,8 @@ def _start(c: config_lib.Config, signals: cli.StopFlag) -> loop.Started:
     start_lr = float(su.lr_fn(start))
     notes = [n for n in (lock_note, rolled, changed) if n]
     if main_process:
-      _write_json_atomic(os.path.join(c.run.workdir, "config.json"), config_lib.to_json_dict(c))
+      fs.write_text(os.path.join(c.run.workdir, "config.json"),
+                    json.dumps(config_lib.to_json_dict(c), indent=2))
       n_params = model_lib.count_params(state["params"])
       print(f"jmid: {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} | "
             f"{jax.device_count()} {jax.devices()[0].platform} devices | {how} | "
@@ -119,14 +120,6 @@ def _start(c: config_lib.Config, signals: cli.StopFlag) -> loop.Started:
       handoff.lineage(origin, c.init.load) if origin else [])
   first = {"init": how, "init/lr": start_lr, **({"init/notes": notes} if notes else {})}
   return loop.Started(c, su, manager, state, start, data_iter, srcs, lineage, first, lock)
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-  """Written under a temporary name and renamed: a crash never leaves a torn config.json."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
 
 
 def _origin(c: config_lib.Config, manager: Any, latest: int | None

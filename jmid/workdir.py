@@ -2,7 +2,8 @@
 
 The lock is a file, `<workdir>/jmid.lock`, holding host, pid, the pid's start time and when the
 run started; it works on local and shared filesystems (no flock, which NFS and FUSE buckets do
-not honour). It is created with O_EXCL, so of two runs starting at once exactly one wins, and
+not honour) and in a gs:// bucket (jmid/fs.py). It is created exclusively (O_EXCL; an
+if-not-exists precondition in a bucket), so of two runs starting at once exactly one wins, and
 its mtime is refreshed every REFRESH_S seconds while the run lives. A lock whose holder is gone
 never blocks a restart: on the same host the pid is dead (or is another process that reuses
 the pid), on another host the lock has not been refreshed for STALE_AFTER_S seconds.
@@ -12,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import threading
 import time
 import uuid
 from typing import Any
 
+from jmid import fs
 from jmid.errors import UserError
 
 LOCK = "jmid.lock"
@@ -34,11 +35,11 @@ def check_is_run(path: str) -> None:
   if not path.strip():
     raise UserError("run.workdir is empty; name the run's folder, e.g. "
                     "--config.run.workdir=runs/my-run")
-  if not os.path.exists(path):
+  if not fs.exists(path):
     return
-  if not os.path.isdir(path):
+  if not fs.isdir(path):
     raise UserError(f"run.workdir={path} is a file, not a folder; give a new folder")
-  entries = set(os.listdir(path)) - {LOCK}
+  entries = set(fs.listdir(path)) - {LOCK}
   if not entries or is_run(path):
     return
   what = ("a Hugging Face model folder" if "config.json" in entries and
@@ -49,11 +50,10 @@ def check_is_run(path: str) -> None:
 
 
 def is_run(path: str) -> bool:
-  if any(os.path.exists(os.path.join(path, m)) for m in RUN_MARKERS):
+  if any(fs.exists(os.path.join(path, m)) for m in RUN_MARKERS):
     return True
   try:
-    with open(os.path.join(path, "config.json")) as f:
-      return CONFIG_SECTIONS <= set(json.load(f))
+    return CONFIG_SECTIONS <= set(json.loads(fs.read_text(os.path.join(path, "config.json"))))
   except (OSError, ValueError, TypeError):
     return False
 
@@ -80,10 +80,9 @@ def _alive(pid: int, start: str) -> bool:
 
 def _read(path: str) -> tuple[dict[str, Any], float]:
   """(holder, mtime); holder {} if the file is torn (a writer died between open and write)."""
-  mtime = os.stat(path).st_mtime
+  mtime = fs.mtime(path)
   try:
-    with open(path) as f:
-      return json.load(f), mtime
+    return json.loads(fs.read_text(path)), mtime
   except (OSError, ValueError):
     return {}, mtime
 
@@ -131,8 +130,8 @@ class Lock:
         self.lost = True
         return
       try:
-        os.utime(self.path)
-      except OSError:
+        fs.touch(self.path)
+      except Exception:  # a bucket's transient error: the next heartbeat tries again
         pass
 
   def check(self) -> None:
@@ -145,7 +144,7 @@ class Lock:
     self._stop.set()
     if self._ours():
       try:
-        os.remove(self.path)
+        fs.remove(self.path)
       except OSError:
         pass
 
@@ -161,7 +160,7 @@ def acquire(workdir: str) -> tuple[Lock, str]:
   note = ""
   for _ in range(5):
     try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      fs.create_exclusive(path, json.dumps(me))
     except FileExistsError:
       try:
         holder, mtime = _read(path)
@@ -175,10 +174,6 @@ def acquire(workdir: str) -> tuple[Lock, str]:
       if _take_over(path, holder):
         note = f"took over the stale lock of {_describe(holder)} ({why})"
       continue
-    with os.fdopen(fd, "w") as f:
-      json.dump(me, f)
-      f.flush()
-      os.fsync(f.fileno())
     return Lock(path, token), note
   raise UserError(f"run.workdir={workdir}: could not take the lock {path} (other runs keep "
                   "taking it); is another run starting on this workdir?")
@@ -186,7 +181,17 @@ def acquire(workdir: str) -> tuple[Lock, str]:
 
 def _take_over(path: str, holder: dict[str, Any]) -> bool:
   """Moves the stale lock aside under a private name; False if another run got there first
-  (then the lock we moved, if it is not the stale one, goes back)."""
+  (then the lock we moved, if it is not the stale one, goes back). In a bucket, where a rename
+  is a copy, the stale lock is deleted if it is still the one judged stale (a narrower race,
+  between that read and the delete, than a local rename leaves)."""
+  if fs.is_remote(path):
+    try:
+      if _read(path)[0].get("token") != holder.get("token"):
+        return False
+      fs.remove(path)
+    except FileNotFoundError:
+      return False
+    return True
   private = f"{path}.stale-{uuid.uuid4().hex}"
   try:
     os.rename(path, private)
@@ -212,19 +217,19 @@ class Claim:
 
   def __init__(self, workdir: str) -> None:
     self.workdir = workdir
-    self.created_dir = not os.path.exists(workdir)
+    self.created_dir = not fs.exists(workdir)
     self.before: set[str] = set()
 
   def snapshot(self) -> None:
     """Called once the lock is held, so entries of a run that started at the same moment are
     never counted as ours."""
-    self.before = set(os.listdir(self.workdir))
+    self.before = set(fs.listdir(self.workdir))
 
   def undo(self) -> None:
     """Removes the workdir if this start made it, else only the entries it added."""
     if self.created_dir:
-      shutil.rmtree(self.workdir, ignore_errors=True)
+      fs.rmtree(self.workdir)
       return
-    for name in set(os.listdir(self.workdir)) - self.before - {LOCK}:
+    for name in set(fs.listdir(self.workdir)) - self.before - {LOCK}:
       p = os.path.join(self.workdir, name)
-      shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
+      fs.rmtree(p) if fs.isdir(p) else fs.remove(p)

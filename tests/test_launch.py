@@ -104,6 +104,16 @@ def test_tpu_dry_run_prints_the_gcloud_command(tmp_path, project):
   assert shlex.split(words[-1]) == ["cd", "jmid", "&&", "exec", *TRAIN]
 
 
+def test_tpu_multislice_dry_run_goes_to_every_worker_of_every_slice(tmp_path):
+  r = _run("launch/tpu/train.sh", _bin(tmp_path), JMID_DRY_RUN="1", QUEUED_RESOURCE="qr-2x",
+           ZONE="us-west4-a")
+  assert r.returncode == 0 and not r.stderr, r.stderr
+  words = shlex.split(r.stdout)
+  assert words[:-1] == ["gcloud", "compute", "tpus", "queued-resources", "ssh", "qr-2x",
+                        "--zone", "us-west4-a", "--node=all", "--worker=all", "--command"]
+  assert shlex.split(words[-1]) == ["cd", "jmid", "&&", "exec", *TRAIN]
+
+
 @pytest.mark.parametrize("missing", ["TPU_NAME", "ZONE"])
 def test_tpu_missing_variable_is_one_line_and_exit_2(tmp_path, missing):
   env = {"TPU_NAME": "t", "ZONE": "z"}

@@ -118,6 +118,8 @@ def test_a_hybrid_mesh_keeps_each_node_in_one_block_and_trains_the_same():
   flat = sharding.make_mesh(config_lib.MeshConfig(1, -1, 1, 1, dcn_data=1), jax.devices(),
                             _nodes_of_4)
   assert dict(flat.shape)["fsdp"] == 8  # dcn_data=1 with dcn_fsdp=1: one flat mesh
+  alone = sharding.make_mesh(config_lib.MeshConfig(1, -1, 1, 1), jax.devices(), lambda d: d.id)
+  assert dict(alone.shape)["fsdp"] == 8  # one device per process: nothing says where nodes are
   # the same training on any of them (fsdp across nodes reorders the rows of the batch)
   one = _losses(_config(1, 1, 1), jax.devices()[:1])
   cfg = _config(2, 2, 1)

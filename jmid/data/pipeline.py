@@ -26,9 +26,10 @@ from typing import Any
 import grain
 import numpy as np
 
+from jmid import fs
 from jmid.config import DataConfig, SourceConfig
 from jmid.errors import UserError
-from jmid.data import demo, mixture, packing, sources
+from jmid.data import demo, mirror, mixture, packing, sources
 from jmid.data.tokenizer import Tokenizer, load_tokenizer
 
 UNIGRAM_MAX_TOKENS = 2_000_000  # per source and side; the baseline needs no more precision
@@ -73,8 +74,21 @@ def source_specs(cfg: DataConfig) -> dict[str, SourceConfig]:
                                  format="tokens", kind=demo.KINDS[name])
     elif not spec.path:
       raise UserError(f"data.sources.{name}.path is empty: set it to a file, directory or glob")
-    specs[name] = spec
+    specs[name] = _local(spec, f"data.sources.{name}", cfg.cache_dir)
   return specs
+
+
+def _local(spec: SourceConfig, key: str, cache_dir: str) -> SourceConfig:
+  """A source in a gs:// bucket as its local copy (jmid/data/mirror.py); the config keeps
+  the bucket path, so a resume compares what the user wrote."""
+  for field in ("path", "eval_path"):
+    value = getattr(spec, field)
+    if value.startswith(fs.UNSUPPORTED):
+      fs.absolute(value, f"{key}.{field}")  # the one line on s3://
+    if fs.is_remote(value):
+      spec = dataclasses.replace(spec, **{field: mirror.local_copy(f"{key}.{field}", value,
+                                                                   cache_dir)})
+  return spec
 
 
 def open_sources(cfg: DataConfig) -> Sources:
