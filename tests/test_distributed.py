@@ -84,13 +84,13 @@ def test_two_processes_resume_exactly_and_hand_over_to_one(tmp_path):
   assert _losses(resumed) == _losses(straight)  # bit for bit, data order included
 
   # Each process stands for a node. By default (mesh.dcn_data=0) the data axis crosses them
-  # (data=2 across x data=2, fsdp=2 inside); a flat mesh, or fsdp across the nodes (which puts
-  # each process's rows at other places of the global batch), trains alike.
-  for name, extra in (("flat", "--config.mesh.dcn_data=1"), ("fsdp", "--config.mesh.dcn_fsdp=2")):
-    runs = _run(2, tmp_path / name, cache, 8, extra)
-    assert all(rc == 0 for rc, _ in runs), runs[0][1][-2000:]
-    np.testing.assert_allclose(list(_losses(tmp_path / name).values()),
-                               list(_losses(straight).values()), rtol=1e-5)
+  # (data=2 across x data=2, fsdp=2 inside); fsdp across the nodes instead (which puts each
+  # process's rows at other places of the global batch) trains alike. (Flat and hybrid meshes
+  # in one process: tests/test_sharding.py.)
+  runs = _run(2, tmp_path / "fsdp", cache, 8, "--config.mesh.dcn_fsdp=2")
+  assert all(rc == 0 for rc, _ in runs), runs[0][1][-2000:]
+  np.testing.assert_allclose(list(_losses(tmp_path / "fsdp").values()),
+                             list(_losses(straight).values()), rtol=1e-5)
 
   # One process cannot continue the data stream of two: one clear line, nothing touched.
   (rc, err), = _run(1, resumed, cache, 12)
@@ -116,13 +116,13 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_and_resumes_exactly
   """A scheduler preempting one node signals one process: both save the same step (they agree
   through a collective dispatched with the steps) and exit 128 + the signal, and the same
   command resumes exactly."""
-  cache, steps = tmp_path / "cache", 24
+  cache, steps = tmp_path / "cache", 16
   straight = _run(2, tmp_path / "straight", cache, steps)
   assert all(rc == 0 for rc, _ in straight), straight[0][1][-2000:]
   stopped = tmp_path / "stopped"
   procs = _spawn(2, stopped, cache, steps)
   metrics, deadline = stopped / "metrics.jsonl", time.time() + 300
-  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 6):
+  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
     assert all(p.poll() is None for p in procs) and time.time() < deadline, "ended too soon"
     time.sleep(0.05)
   procs[1].send_signal(signal.SIGTERM)
