@@ -24,12 +24,17 @@ def is_remote(path: str) -> bool:
   return path.startswith(REMOTE)
 
 
-def absolute(path: str, what: str = "path") -> str:
-  """A local path made absolute (~ expanded); a gs:// path as it is; s3:// refused."""
+def check_scheme(path: str, what: str = "path") -> None:
+  """s3:// is one line (see the module docstring); local and gs:// paths pass."""
   if path.startswith(UNSUPPORTED):
     raise UserError(f"{what}={path}: s3:// is not supported (Orbax checkpoints reach object "
                     "storage only through gs://); use a gs:// bucket or mount the bucket "
                     "(e.g. mountpoint-s3) and give the local path")
+
+
+def absolute(path: str, what: str = "path") -> str:
+  """A local path made absolute (~ expanded); a gs:// path as it is; s3:// refused."""
+  check_scheme(path, what)
   if is_remote(path):
     return path.rstrip("/")
   return os.path.abspath(os.path.expanduser(path))
@@ -99,7 +104,7 @@ def create_exclusive(path: str, text: str) -> None:
   """Creates the file holding `text`, or raises FileExistsError if it exists: exactly one of
   two racing callers wins (O_EXCL locally; an if-not-exists precondition on gs://)."""
   if is_remote(path):
-    fsys, key = _fsspec(path)
+    fsys, key = fsspec_of(path)
     with fsys.open(key, "xb") as f:  # epath offers no "x" mode
       f.write(text.encode())
     return
@@ -113,13 +118,14 @@ def create_exclusive(path: str, text: str) -> None:
 def mtime(path: str) -> float:
   """The last write, in seconds since the epoch."""
   if is_remote(path):
-    fsys, key = _fsspec(path)
+    fsys, key = fsspec_of(path)
     fsys.invalidate_cache(key)  # gcsfs caches listings: a heartbeat must be seen
     return fsys.modified(key).timestamp()
   return os.stat(path).st_mtime
 
 
-def _fsspec(path: str) -> tuple[Any, str]:
+def fsspec_of(path: str) -> tuple[Any, str]:
+  """(fsspec filesystem, path within it): what epath does not offer (x mode, glob, find)."""
   import fsspec
   return fsspec.core.url_to_fs(path)
 

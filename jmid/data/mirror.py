@@ -11,6 +11,7 @@ never read one half-written.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 from collections.abc import Callable
@@ -27,7 +28,7 @@ def local_copy(key: str, pattern: str, cache_dir: str) -> str:
   """gs://bucket/path (a file, a folder or a glob) -> the same pattern under the local copy,
   every file it matches copied there first (unless already there and unchanged)."""
   root = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), MIRROR)
-  fsys, path = fs._fsspec(pattern)
+  fsys, path = fs.fsspec_of(pattern)
   try:
     files = _matches(fsys, path)
   except Exception as e:
@@ -43,7 +44,7 @@ def local_copy(key: str, pattern: str, cache_dir: str) -> str:
 
 def _matches(fsys: Any, path: str) -> dict[str, dict[str, Any]]:
   """{object name: its info} for a file, every file under a folder, or a glob's files."""
-  if any(c in path for c in "*?["):
+  if glob.has_magic(path):
     found = fsys.glob(path, detail=True)
     return {n: i for n, i in found.items() if i.get("type") == "file"}
   if fsys.isdir(path):

@@ -83,8 +83,7 @@ def _local(spec: SourceConfig, key: str, cache_dir: str) -> SourceConfig:
   the bucket path, so a resume compares what the user wrote."""
   for field in ("path", "eval_path"):
     value = getattr(spec, field)
-    if value.startswith(fs.UNSUPPORTED):
-      fs.absolute(value, f"{key}.{field}")  # the one line on s3://
+    fs.check_scheme(value, f"{key}.{field}")
     if fs.is_remote(value):
       spec = dataclasses.replace(spec, **{field: mirror.local_copy(f"{key}.{field}", value,
                                                                    cache_dir)})
