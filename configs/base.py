@@ -17,6 +17,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.run.workdir = "runs/default"  # where config.json, checkpoints/, metrics.jsonl, tensorboard/ go
   c.run.seed = 0  # one seed for params init and data order
   c.run.name = "jmid"  # free-form label written to config.json and metrics
+  # jax's persistent compilation cache on GPUs and TPUs (a restart skips the compile); "" = off
+  c.run.compilation_cache = "~/.cache/jmid/xla"
 
   c.model = ConfigDict()
   c.model.vocab_size = 32000  # rows of the embedding; >= the tokenizer's vocab
@@ -40,8 +42,16 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.model.qkv_bias = False  # bias on q/k/v projections (Qwen2)
   c.model.qk_norm = False  # per-head RMSNorm on q and k (Qwen3)
   c.model.sliding_window = 0  # attend to at most this many tokens back (Mistral); 0 = all
-  c.model.attention = "xla"  # xla | cudnn | pallas (ours: Triton GPU, Mosaic TPU, CPU interpret)
-  c.model.remat = "none"  # none | full | dots | dots_no_batch: what the layer scan saves
+  # auto (cudnn on Hopper GPUs, our pallas kernel on TPU and older GPUs, xla on CPU: the first
+  # of config.AUTO_ATTENTION the model can use) | xla | cudnn | pallas (ours: Triton on GPU,
+  # Mosaic on TPU, interpreted on CPU)
+  c.model.attention = "auto"
+  # cudnn: packed documents go to cuDNN as offsets (no [T, T] mask), in this many slots per row;
+  # a batch with a row of more documents stops the run with one line saying so
+  c.model.cudnn_max_docs = 32
+  # What the layer scan saves for the backward pass: none (everything) | full (nothing) | dots
+  # | dots_no_batch | 'save:qkv,attn' (exactly those of config.REMAT_NAMES); jmid.plan shows it
+  c.model.remat = "none"
   # One compiled layer body looped n_layers times (fast compiles) or the layers unrolled (XLA
   # may schedule across layers; its FLOPs count covers every layer, jmid.plan shows it).
   c.model.scan_layers = True
@@ -107,6 +117,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.train.keep_checkpoints = 3  # newest checkpoints kept
   c.train.ema_decay = 0.0  # EMA of params kept in the state (init.load='ema' reads it); 0 = off
   c.train.max_skipped_steps = 10  # stop after this many consecutive non-finite steps (skipped)
+  # The LM head and cross-entropy run over chunks of about this many tokens per device, so no
+  # float32 [tokens, vocab] logits array exists (jmid/loss.py); 0 computes them all at once
+  c.train.loss_chunk = 1024
   c.train.resume_step = -1  # resume from this earlier checkpoint; newer ones are moved aside
   c.train.allow_resume_changes = False  # resume despite a changed seq_len/batch/data sources
   c.train.passkey_lengths = ()  # passkey retrieval at these lengths at every eval (jmid/passkey.py)

@@ -15,8 +15,9 @@ import optax
 
 from jmid import checkpoint as ckpt_lib
 from jmid import config as config_lib
+from jmid import loss as loss_lib
 from jmid import model as model_lib
-from jmid import optim, sharding, steps
+from jmid import attention, optim, sharding, steps
 from jmid.errors import ConfigError
 
 
@@ -39,8 +40,22 @@ class Setup:
   mesh: jax.sharding.Mesh
 
 
+def attention_for(c: config_lib.Config, mesh: jax.sharding.Mesh) -> str:
+  """The attention this config runs on this mesh: model.attention, or what 'auto' picks for
+  its devices (config.AUTO_ATTENTION)."""
+  return attention.choose(c.model, mesh.devices.flat[0], int(mesh.shape["context"]))
+
+
+def resolved(c: config_lib.Config, mesh: jax.sharding.Mesh) -> config_lib.Config:
+  """The config with model.attention as it runs on this mesh ('auto' chosen)."""
+  return dataclasses.replace(c, model=dataclasses.replace(c.model,
+                                                          attention=attention_for(c, mesh)))
+
+
 def setup(c: config_lib.Config, mesh: jax.sharding.Mesh) -> Setup:
-  """Abstract model -> logical shardings -> jitted create / train / eval with explicit shardings."""
+  """Abstract model -> logical shardings -> jitted create / train / eval with explicit shardings
+  (model.attention='auto' chosen for the mesh's devices)."""
+  c = resolved(c, mesh)
   graphdef, abstract_params, names = model_lib.abstract_model(c.model)
   param_sh = sharding.tree_shardings(mesh, names, abstract_params)
   tx = optim.make_optimizer(c.optim, c.train.steps)
@@ -60,18 +75,31 @@ def setup(c: config_lib.Config, mesh: jax.sharding.Mesh) -> Setup:
                         out_shardings=state_sh)
   train_step = jax.jit(
       steps.make_train_step(graphdef, tx, lr_fn, c.train.microbatches, c.optim.z_loss,
-                            c.train.ema_decay, c.mesh.context_layout),
+                            c.train.ema_decay, c.mesh.context_layout,
+                            loss_chunks(c, mesh, c.train.global_batch // c.train.microbatches)),
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep), donate_argnums=0)
-  eval_step = jax.jit(steps.make_eval_step(graphdef, c.mesh.context_layout),
+  eval_step = jax.jit(steps.make_eval_step(graphdef, c.mesh.context_layout,
+                                           loss_chunks(c, mesh, c.train.global_batch)),
                       in_shardings=(param_sh, batch_sh))
   return Setup(graphdef, names, tx, lr_fn, param_sh, state_sh, batch_sh,
                ckpt_lib.abstract_with_shardings(abstract_state, state_sh), create, from_params,
                train_step, eval_step, mesh)
 
 
+def loss_chunks(c: config_lib.Config, mesh: jax.sharding.Mesh, rows: int) -> int:
+  """How many chunks of positions the loss of `rows` rows takes for about train.loss_chunk
+  tokens per device each (0: train.loss_chunk=0, all logits at once)."""
+  if not c.train.loss_chunk:
+    return 0
+  local_rows = max(rows // sharding.batch_divisor(mesh), 1)
+  context = int(mesh.shape["context"])
+  return loss_lib.n_chunks(c.data.seq_len, c.train.loss_chunk * context // local_rows, context)
+
+
 def check_runtime(c: config_lib.Config, mesh: jax.sharding.Mesh) -> None:
   """What depends on the devices: the batch must split over data*fsdp, microbatches and
-  processes; cuDNN attention needs an NVIDIA GPU."""
+  processes; cuDNN attention needs an NVIDIA GPU (Hopper or later for packed documents)."""
+  c = resolved(c, mesh)
   platform = mesh.devices.flat[0].platform
   n = int(mesh.shape["context"])  # mesh.context=-1 resolved
   config_lib.check_context(c, n)
@@ -79,7 +107,10 @@ def check_runtime(c: config_lib.Config, mesh: jax.sharding.Mesh) -> None:
     config_lib.check_context_length(c.model.attention, c.mesh, n, length, "train.passkey_lengths")
   if c.model.attention == "cudnn" and platform != "gpu":
     raise ConfigError(f"model.attention='cudnn' needs an NVIDIA GPU but this run has {platform} "
-                      "devices; use model.attention='xla'")
+                      "devices; use model.attention='xla' (or 'auto')")
+  if c.model.attention == "cudnn" and attention.platform_key(mesh.devices.flat[0]) != "gpu":
+    raise ConfigError(f"model.attention='cudnn' takes packed documents from Hopper on, and "
+                      f"this is a {mesh.devices.flat[0].device_kind}; use model.attention='pallas'")
   ways = sharding.batch_divisor(mesh) * c.train.microbatches
   if c.train.global_batch % ways:
     raise ConfigError(

@@ -8,7 +8,9 @@ line naming the key and the fix (train.py turns it into exit code 2).
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import math
+import re
 from typing import Any
 
 from ml_collections import ConfigDict
@@ -16,11 +18,20 @@ from ml_collections import ConfigDict
 from jmid.errors import ConfigError
 
 
-ATTENTION = ("xla", "cudnn", "pallas")
+ATTENTION = ("auto", "xla", "cudnn", "pallas")
+# model.attention='auto': the first of these the model can use, per platform (cuDNN's fused
+# attention ~630 TFLOP/s on an H100 at 8K; our Triton kernel ~360; xla holds [T, T] scores)
+# (cuDNN takes packed documents from Hopper on: older GPUs are "gpu-sm8x")
+AUTO_ATTENTION = {"gpu": ("cudnn", "pallas", "xla"), "gpu-sm8x": ("pallas", "xla"),
+                  "tpu": ("pallas", "xla"), "cpu": ("xla",)}
 CONTEXT_LAYOUTS = ("zigzag", "contiguous")  # jmid.ring says what each means
 KERNEL_ROWS = 16  # a Pallas kernel block holds a multiple of 16 rows (Triton's dots)
 KERNEL_TILE = 128  # longer ring chunks must be whole 128-row blocks (the TPU kernel's lanes)
 REMAT = ("none", "full", "dots", "dots_no_batch")
+# What a block saves by name for the backward pass with model.remat='save:NAME,...': the q/k/v
+# projections (after RoPE), the attention output (before its projection), the attention
+# projection, the MLP's gated hidden [tokens, d_ff], the MLP output; the rest is recomputed
+REMAT_NAMES = ("qkv", "attn", "attn_out", "mlp_hidden", "mlp_out")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine", "linear", "wsd")
 DECAY_SHAPES = ("linear", "1-sqrt", "cosine")
@@ -47,6 +58,7 @@ class RunConfig:
   workdir: str
   seed: int
   name: str
+  compilation_cache: str = "~/.cache/jmid/xla"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +91,7 @@ class ModelConfig:
   rope_beta_slow: float = 1.0
   rope_attention_factor: float = 0.0
   sliding_window: int = 0
+  cudnn_max_docs: int = 32  # attention='cudnn': document slots per row of its packed layout
   scan_layers: bool = True  # False: the layers unrolled (longer compile; XLA counts every layer)
 
   @property
@@ -165,6 +178,7 @@ class TrainConfig:
   keep_checkpoints: int
   ema_decay: float = 0.0
   max_skipped_steps: int = 10
+  loss_chunk: int = 1024  # tokens per device in each chunk of the LM head + loss; 0: all
   resume_step: int = -1
   allow_resume_changes: bool = False
   passkey_lengths: tuple[int, ...] = ()
@@ -261,8 +275,8 @@ def check_context(c: Config, n: int) -> None:
   """A row must cut into equal ring chunks, and the Pallas kernels must tile them."""
   if n == 1:
     return
-  _check(c.model.attention != "cudnn", f"mesh.context={n}: model.attention='cudnn' cannot run "
-         "inside ring attention; use model.attention='pallas' (or 'xla')")
+  problem = attention_problem(c.model, c.model.attention, n)
+  _check(problem is None, problem or "")
   check_context_length(c.model.attention, c.mesh, n, c.data.seq_len, "data.seq_len")
 
 
@@ -281,6 +295,46 @@ def check_context_length(attention: str, mesh: MeshConfig, n: int, length: int,
          f"{key}={length} gives ring chunks of {chunk} tokens, which the Pallas kernel blocks "
          f"do not tile; make the chunks a multiple of {KERNEL_TILE} (or of {KERNEL_ROWS} below "
          f"{KERNEL_TILE}): {key} a multiple of {chunks * KERNEL_TILE}")
+
+
+def attention_problem(m: ModelConfig, attention: str, context: int = 1) -> str | None:
+  """Why the model cannot use this attention (one line naming the fix), or None. The one place
+  these limits live: validation reports them, attention='auto' skips what they rule out."""
+  if attention == "pallas" and not (m.dh < 128 or m.dh % 128 == 0):
+    return (f"model.attention='pallas' needs a head width below 128 or a multiple of 128 (the "
+            f"TPU kernel's lane tiling), got {m.dh}; use 'xla' or another model.head_dim")
+  if attention != "cudnn":
+    return None
+  if m.compute_dtype not in ("bfloat16", "float16"):
+    return (f"model.attention='cudnn' needs model.compute_dtype bfloat16 or float16, not "
+            f"{m.compute_dtype!r}; change one of them")
+  if m.n_kv_heads != m.n_heads and not _jax_at_least(0, 11, 2):
+    return (f"model.attention='cudnn' with grouped-query heads ({m.n_heads} q, {m.n_kv_heads} "
+            f"kv) and packed documents reads wrong keys before jax 0.11.2 (this is jax "
+            f"{importlib.metadata.version('jax')}); upgrade jax or use model.attention='pallas'")
+  if m.dh > 256 or m.dh % 8:
+    return (f"model.attention='cudnn': cuDNN's flash attention takes head widths up to 256 "
+            f"in multiples of 8, not {m.dh}; use model.attention='pallas'")
+  if context > 1:
+    return (f"mesh.context={context}: model.attention='cudnn' cannot run inside ring "
+            "attention; use model.attention='pallas' (or 'xla')")
+  return None
+
+
+def choose_attention(m: ModelConfig, platform: str, context: int = 1,
+                     unusable: tuple[str, ...] = ()) -> str:
+  """The attention the model runs: model.attention, or for 'auto' the first of
+  AUTO_ATTENTION[platform] with no attention_problem and not `unusable` on these devices."""
+  if m.attention != "auto":
+    return m.attention
+  return next(a for a in AUTO_ATTENTION.get(platform, ("xla",))
+              if a not in unusable and attention_problem(m, a, context) is None)
+
+
+def _jax_at_least(*version: int) -> bool:
+  """Whether the installed jax is at least `version` (a dev or rc build counts as its release)."""
+  parts = re.findall(r"\d+", importlib.metadata.version("jax"))[:len(version)]
+  return tuple(int(p) for p in parts) >= version
 
 
 def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
@@ -316,15 +370,17 @@ def validate(c: Config) -> None:
            f"model.rope_low_freq_factor={m.rope_low_freq_factor} > 0 (Llama 3.1: 4 and 1)")
   _check(m.norm_eps > 0, f"model.norm_eps={m.norm_eps}: must be > 0")
   _choice("model.attention", m.attention, ATTENTION)
-  _check(m.attention != "pallas" or m.dh < 128 or m.dh % 128 == 0,
-         f"model.attention='pallas' needs a head width below 128 or a multiple of 128 (the TPU "
-         f"kernel's lane tiling), got {m.dh}; use 'xla' or another model.head_dim")
-  _choice("model.remat", m.remat, REMAT)
+  problem = attention_problem(m, m.attention)
+  _check(problem is None, problem or "")
+  if m.remat.startswith("save:"):
+    bad = [n for n in m.remat[5:].split(",") if n not in REMAT_NAMES] or [""]
+    _check(not bad[0], f"model.remat={m.remat!r}: {bad[0]!r} is no name; 'save:' takes "
+           f"names from {', '.join(REMAT_NAMES)}, e.g. 'save:qkv,attn'")
+  else:
+    _choice("model.remat", m.remat, REMAT)
   _choice("model.param_dtype", m.param_dtype, DTYPES)
   _choice("model.compute_dtype", m.compute_dtype, DTYPES)
-  _check(m.attention != "cudnn" or m.compute_dtype in ("bfloat16", "float16"),
-         f"model.attention='cudnn' needs model.compute_dtype bfloat16 or float16, not "
-         f"{m.compute_dtype!r}; change one of them")
+  _check(m.cudnn_max_docs > 0, f"model.cudnn_max_docs={m.cudnn_max_docs}: must be > 0")
 
   for key in ("data", "fsdp", "tensor", "context"):
     v = getattr(c.mesh, key)
@@ -386,6 +442,8 @@ def validate(c: Config) -> None:
     _check(getattr(t, key) > 0, f"train.{key}={getattr(t, key)}: must be > 0")
   _check(t.eval_every_steps >= 0, f"train.eval_every_steps={t.eval_every_steps}: must be >= 0")
   _check(t.max_skipped_steps > 0, f"train.max_skipped_steps={t.max_skipped_steps}: must be > 0")
+  _check(t.loss_chunk >= 0, f"train.loss_chunk={t.loss_chunk}: must be >= 0 (0 = all logits "
+         "at once)")
   _check(t.resume_step >= -1, f"train.resume_step={t.resume_step}: a checkpoint step of this "
          "workdir, or -1 for the latest")
 

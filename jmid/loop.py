@@ -17,7 +17,7 @@ from jmid import checkpoint as ckpt_lib
 from jmid import cli
 from jmid import config as config_lib
 from jmid import metrics as metrics_lib
-from jmid import distributed, passkey, resume, sharding, steps
+from jmid import attention, distributed, passkey, resume, sharding, steps
 from jmid import workdir as workdir_lib
 from jmid.data import pipeline
 from jmid.errors import UserError, first_line, os_problem
@@ -102,7 +102,7 @@ def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> d
   c, su, manager, data_iter = run.c, run.su, run.manager, run.data_iter
   main_process = jax.process_index() == 0
   local_batch = c.train.global_batch // jax.process_count()
-  eval_sets = {name: [sharding.to_global(b, su.batch_sh) for b in batches]
+  eval_sets = {name: [_to_device(c, su, b, f"eval set {name}") for b in batches]
                for name, batches in pipeline.eval_batches(
                    c.data, run.srcs, batch_size=local_batch, n_batches=c.train.eval_batches,
                    seed=c.run.seed, **distributed.process_shard()).items()}
@@ -162,7 +162,8 @@ def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> d
       writer.write(0, record)
       last = {"step": 0, **record}
     while step < end and not stop_for:
-      run.state, m = su.train_step(run.state, sharding.to_global(mix.add(next(data_iter)), su.batch_sh))
+      batch = _to_device(c, su, mix.add(next(data_iter)), f"the batch of step {step + 1}")
+      run.state, m = su.train_step(run.state, batch)
       step += 1
       stop_for = vote.after_step(signals.signum)  # every process: the same step, the same answer
       since_log += 1
@@ -223,6 +224,18 @@ def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> d
     print(f"jmid: done at step {last['step']}: eval loss {last['eval/loss']:.4f} "
           f"(unigram baseline {baseline:.4f}) | workdir {c.run.workdir}", flush=True)
   return {**last, "step": step}
+
+
+def _to_device(c: config_lib.Config, su: Any, batch: dict, what: str) -> dict:
+  """A host batch onto the mesh. With cuDNN attention its rows must fit the document slots of
+  cuDNN's packed layout: a row past them would lose its last documents' attention."""
+  if c.model.attention == "cudnn":
+    n = attention.docs_per_row(batch["segment_ids"])
+    if n > c.model.cudnn_max_docs:
+      raise UserError(f"{what}: a row holds {n} documents, more than model.cudnn_max_docs="
+                      f"{c.model.cudnn_max_docs} (the document slots of cuDNN's packed "
+                      f"attention); set it to {n} or more, or use model.attention='pallas'")
+  return sharding.to_global(batch, su.batch_sh)
 
 
 def _save_failed(e: BaseException, manager: Any) -> UserError:

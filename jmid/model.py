@@ -13,9 +13,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from jmid import attention as attention_lib
 from jmid import sharding
-from jmid.attention import attention
 from jmid.config import ModelConfig
 from jmid.rope import apply_rope
 
@@ -24,6 +25,14 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def remat_policy(remat: str) -> object:
+  """jax.checkpoint's policy for model.remat: a named policy, or 'save:qkv,attn' saving
+  exactly the block's values of those names (config.REMAT_NAMES) and recomputing the rest."""
+  if remat.startswith("save:"):
+    return jax.checkpoint_policies.save_only_these_names(*remat[5:].split(","))
+  return REMAT_POLICIES[remat]
 
 
 def _param(rngs: nnx.Rngs | None, shape: Sequence[int], names: Sequence[str | None],
@@ -93,16 +102,25 @@ class Block(nnx.Module):
                            ("batch", "length", "heads", None))
     k = sharding.constrain(apply_rope(k, positions_bt, cfg),
                            ("batch", "length", "kv_heads", None))
-    o_bthd = attention(q, k, v, segment_ids_bt, implementation=cfg.attention,
-                       window=cfg.sliding_window, layout=context_layout)
-    x_bte = x_bte + jnp.einsum("bthd,hde->bte", o_bthd, self.wo[...].astype(cd))
+    q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
+    # 'auto' is chosen by build.setup for the mesh; a model built elsewhere (hf.load, passkey)
+    # chooses for the devices it runs on
+    impl = attention_lib.choose(cfg, jax.devices()[0], sharding.context_size())
+    o_bthd = attention_lib.attention(q, k, v, segment_ids_bt, implementation=impl,
+                                     window=cfg.sliding_window, layout=context_layout,
+                                     max_docs=cfg.cudnn_max_docs)
+    o_bthd = checkpoint_name(o_bthd, "attn")
+    attn_bte = jnp.einsum("bthd,hde->bte", o_bthd, self.wo[...].astype(cd))
+    x_bte = x_bte + checkpoint_name(attn_bte, "attn_out")
     x_bte = sharding.constrain(x_bte, ("batch", "length", None))
 
     h_bte = self.mlp_norm(x_bte)
     gate_btf = jnp.einsum("bte,ef->btf", h_bte, self.w_gate[...].astype(cd))
     up_btf = jnp.einsum("bte,ef->btf", h_bte, self.w_up[...].astype(cd))
     act_btf = sharding.constrain(jax.nn.silu(gate_btf) * up_btf, ("batch", "length", "mlp"))
-    x_bte = x_bte + jnp.einsum("btf,fe->bte", act_btf, self.w_down[...].astype(cd))
+    act_btf = checkpoint_name(act_btf, "mlp_hidden")
+    mlp_bte = jnp.einsum("btf,fe->bte", act_btf, self.w_down[...].astype(cd))
+    x_bte = x_bte + checkpoint_name(mlp_bte, "mlp_out")
     return sharding.constrain(x_bte, ("batch", "length", None))
 
 
@@ -131,6 +149,16 @@ class Decoder(nnx.Module):
     """context_layout: the token order of the rows when the mesh splits them over `context`:
     'contiguous' is the row's own order; 'zigzag' means the caller permuted them so
     (jmid.ring.permutation), and ring attention must know where each device's chunks sit."""
+    x_bte, head_ev = self.hidden(inputs_bt, positions_bt, segment_ids_bt, context_layout)
+    logits = jnp.einsum("bte,ev->btv", x_bte, head_ev.astype(x_bte.dtype),
+                        preferred_element_type=jnp.float32)
+    return sharding.constrain(logits, ("batch", "length", "vocab"))
+
+  def hidden(self, inputs_bt: jax.Array, positions_bt: jax.Array | None = None,
+             segment_ids_bt: jax.Array | None = None,
+             context_layout: str = "contiguous") -> tuple[jax.Array, jax.Array]:
+    """(final-normed hidden states [B, T, E] in the compute dtype, LM head [E, vocab]): what
+    the logits are made of, for a loss that computes them in chunks (jmid.loss)."""
     cfg = self.cfg
     cd = jnp.dtype(cfg.compute_dtype)
     if positions_bt is None:
@@ -151,14 +179,11 @@ class Decoder(nnx.Module):
                                               context_layout), None
 
     if cfg.remat != "none":
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+      body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=False)
     x_bte, _ = jax.lax.scan(body, x_bte, stacked, unroll=1 if cfg.scan_layers else True)
 
     x_bte = self.final_norm(x_bte)
-    head_ev = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-    logits = jnp.einsum("bte,ev->btv", x_bte, head_ev.astype(cd),
-                        preferred_element_type=jnp.float32)
-    return sharding.constrain(logits, ("batch", "length", "vocab"))
+    return x_bte, self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
 
 
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, dict, dict]:
@@ -181,6 +206,14 @@ def apply(graphdef: nnx.GraphDef, params: dict, inputs_bt: jax.Array,
           context_layout: str = "contiguous") -> jax.Array:
   """Pure forward pass over a params dict."""
   return nnx.merge(graphdef, params)(inputs_bt, positions_bt, segment_ids_bt, context_layout)
+
+
+def hidden(graphdef: nnx.GraphDef, params: dict, inputs_bt: jax.Array,
+           positions_bt: jax.Array, segment_ids_bt: jax.Array,
+           context_layout: str = "contiguous") -> tuple[jax.Array, jax.Array]:
+  """Pure Decoder.hidden over a params dict: (hidden states, LM head)."""
+  return nnx.merge(graphdef, params).hidden(inputs_bt, positions_bt, segment_ids_bt,
+                                            context_layout)
 
 
 def count_params(params: dict) -> int:

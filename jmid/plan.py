@@ -9,7 +9,10 @@ activations and temporaries) against the device's memory, FLOPs per step (XLA's 
 jmid's model formula) and a verdict: exit 0 when it fits, 3 when it does not, 2 for bad input.
 Targets: the local devices (exact; no --topology) or a TPU slice (`v5e:2x2`, `v5p:4x4x4`,
 `v6e:8x8`: libtpu's compile-only devices on any host, exact, Mosaic kernels included; the
-`tpu` extra installs libtpu; --slices=N joins N of them over DCN for mesh.dcn_*). train runs the same check on its own step before allocating.
+`tpu` extra installs libtpu; --slices=N joins N of them over DCN for mesh.dcn_*) or GPUs in
+nodes of 8 (`h100:8`, `h200:64`: XLA's compile-only CUDA devices where jax's CUDA plugin is
+installed, exact, Triton kernels included; else CPU stand-ins, an estimate; see gpus.py).
+train runs the same check on its own step before allocating.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 
 import jax
 
-from jmid import build, cli, configfile, fs, metrics, sharding, steps
+from jmid import build, cli, configfile, fs, gpus, metrics, sharding, steps
 from jmid import config as config_lib
 from jmid.errors import UserError, first_line
 
@@ -37,21 +40,16 @@ GIB = 2**30
 HBM_BYTES = {"TPU v4": 32 * GIB, "TPU v5 lite": 16 * GIB, "TPU v5e": 16 * GIB,
              "TPU v5p": 95 * GIB, "TPU v6 lite": 32 * GIB, "TPU v6e": 32 * GIB}
 TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
-# GPU name -> (device_kind, memory as nvidia-smi reports it). A GPU target is an estimate: jax
-# offers no compile-only GPU devices, so the step compiles for CPU stand-ins of the same mesh.
-GPUS = {"h100": ("NVIDIA H100 80GB HBM3", 81559 * 2**20),
-        "h200": ("NVIDIA H200", 143771 * 2**20),
-        "a100": ("NVIDIA A100-SXM4-80GB", 81920 * 2**20)}
-GPUS_PER_NODE = 8  # an HGX node: NVLink inside, InfiniBand between nodes
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-  """Where the step is compiled for: its devices, and for a GPU estimate the GPU it stands for."""
+  """Where the step is compiled for: its devices, and for a GPU target which GPU."""
 
   devices: list[jax.Device]
   what: str
-  gpu: tuple[str, int] | None = None  # (device_kind, memory bytes) of the GPU estimated
+  gpu: gpus.Gpu | None = None  # the GPU targeted (its devices report no memory)
+  estimate: bool = False  # CPU stand-ins compiled for the GPU: no CUDA plugin here
   granule_of: Callable[[jax.Device], int] = sharding.granule  # node/slice of a device
 
 
@@ -162,28 +160,12 @@ def target(topology: str, slices: int = 1) -> Target:
     devices = jax.devices()
     return Target(devices, f"{len(devices)} local {devices[0].platform} device(s)")
   generation, _, count = topology.lower().partition(":")
-  if generation in GPUS:
-    if not count.isdigit() or int(count) < 1:
-      raise UserError(f"--topology={topology}: name the GPU count, e.g. {generation}:8")
-    n = int(count)
-    if n > GPUS_PER_NODE and n % GPUS_PER_NODE:
-      raise UserError(f"--topology={topology}: more than one node takes a multiple of "
-                      f"{GPUS_PER_NODE} GPUs")
-    with contextlib.suppress(Exception):  # refused once the CPU backend has started
-      jax.config.update("jax_num_cpu_devices", n)
-    cpus = jax.devices("cpu")
-    if len(cpus) < n:
-      raise UserError(f"--topology={topology}: this process already has {len(cpus)} CPU "
-                      "devices to stand in for the GPUs; run jmid.plan in a fresh process")
-    kind, hbm = GPUS[generation]
-    nodes = f" in {n // GPUS_PER_NODE} nodes" if n > GPUS_PER_NODE else ""
-    first = cpus[0].id
-    return Target(cpus[:n], f"{n} x {kind}{nodes}, an ESTIMATE from CPU stand-ins", (kind, hbm),
-                  lambda d: (d.id - first) // GPUS_PER_NODE)
+  if generation in gpus.GPUS:
+    return _gpu_target(topology, generation, count)
   if generation not in TPU_GENERATIONS or not count:
     raise UserError(f"--topology={topology}: use a TPU slice name such as v5e:2x2, v5p:2x2x1, "
                     f"v6e:4x4 (generations {', '.join(TPU_GENERATIONS)}), a GPU count such as "
-                    f"h100:8 ({', '.join(GPUS)}), or leave it out for the local devices")
+                    f"h100:8 ({', '.join(gpus.GPUS)}), or leave it out for the local devices")
   if importlib.util.find_spec("libtpu") is None:  # jax finds the TPU plugin through it
     raise UserError(f"--topology={topology} compiles through libtpu, which is not installed; "
                     "pip install -e '.[tpu]' (it installs on any Linux x86 host)")
@@ -202,6 +184,39 @@ def target(topology: str, slices: int = 1) -> Target:
   joined = f" x {slices} slices over DCN" if slices > 1 else ""
   return Target(devices, f"{len(devices)} {devices[0].device_kind} chips ({topology}{joined}, "
                 "compile-only)")
+
+
+def _gpu_target(topology: str, generation: str, count: str) -> Target:
+  """n GPUs in nodes of 8: XLA's compile-only CUDA devices when jax's CUDA plugin is installed
+  (exact), else CPU stand-ins of the same mesh (an estimate)."""
+  if not count.isdigit() or int(count) < 1:
+    raise UserError(f"--topology={topology}: name the GPU count, e.g. {generation}:8")
+  n, per_node = int(count), gpus.GPUS_PER_NODE
+  if n > per_node and n % per_node:
+    raise UserError(f"--topology={topology}: more than one node takes a multiple of "
+                    f"{per_node} GPUs")
+  g = gpus.GPUS[generation]
+  nodes = f" in {n // per_node} nodes" if n > per_node else ""
+  if gpus.cuda_plugin():
+    with contextlib.suppress(Exception):  # compile-only: this host's own GPUs, if any, unused
+      jax.config.update("jax_platforms", "cpu")
+    try:
+      with _stderr_dropped():  # the plugin's notes that this host has no CUDA driver
+        devices = gpus.compile_only_devices(g, n)
+    except Exception as e:
+      raise UserError(f"--topology={topology}: jax's CUDA plugin made no compile-only "
+                      f"devices ({first_line(e)}); uninstall it for a CPU estimate") from None
+    return Target(devices, f"{n} x {g.kind}{nodes} (compile-only)", g)
+  with contextlib.suppress(Exception):  # refused once the CPU backend has started
+    jax.config.update("jax_num_cpu_devices", n)
+  cpus = jax.devices("cpu")
+  if len(cpus) < n:
+    raise UserError(f"--topology={topology}: this process already has {len(cpus)} CPU "
+                    "devices to stand in for the GPUs; run jmid.plan in a fresh process")
+  first = cpus[0].id
+  return Target(cpus[:n], f"{n} x {g.kind}{nodes}, an ESTIMATE from CPU stand-ins (install "
+                "jax's CUDA plugin for an exact plan)", g, True,
+                lambda d: (d.id - first) // per_node)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,18 +253,20 @@ class Plan:
 
 def make_plan(c: config_lib.Config, t: Target) -> Plan:
   """Builds and compiles the config's train step for the target; nothing is allocated. For a
-  GPU estimate cuDNN attention compiles as our flash kernel (interpreted on the CPU: the
-  same blockwise memory), so the stand-ins hold no [T, T] scores it would not."""
+  GPU target cuDNN attention compiles as our flash kernel (the same blockwise memory): jax
+  asks the cuDNN library of a real GPU while tracing it."""
   devices, what = t.devices, t.what
-  if t.gpu and c.model.attention == "cudnn":
-    c = dataclasses.replace(c, model=dataclasses.replace(c.model, attention="pallas"))
   mesh = sharding.make_mesh(c.mesh, devices, t.granule_of)
+  attention = config_lib.choose_attention(c.model, "gpu", int(mesh.shape["context"])) \
+      if t.gpu else build.attention_for(c, mesh)
+  attention = "pallas" if t.gpu and attention == "cudnn" else attention
+  c = dataclasses.replace(c, model=dataclasses.replace(c.model, attention=attention))
   build.check_runtime(c, mesh)
   su = build.setup(c, mesh)
   params, opt = (_shard_bytes(su.abstract_state[k]) for k in ("params", "opt_state"))
   model_flops = metrics.flops_per_token(c.model, c.data.seq_len) * (
       c.train.global_batch * c.data.seq_len)
-  kind = t.gpu[0] if t.gpu else devices[0].device_kind
+  kind = t.gpu.kind if t.gpu else devices[0].device_kind
   mesh_sizes = {k: int(v) for k, v in mesh.shape.items()}
   t0 = time.perf_counter()
   try:
@@ -263,14 +280,15 @@ def make_plan(c: config_lib.Config, t: Target) -> Plan:
            "alias_bytes": None, "per_device_bytes": params + opt + temp}
     return Plan(mem, params, opt, hbm, f"{kind} HBM the compiler can use", None, model_flops,
                 round(time.perf_counter() - t0, 2), kind, what, mesh_sizes, c.model.scan_layers,
-                bool(t.gpu))
+                t.estimate)
   seconds = time.perf_counter() - t0
   mem = memory(compiled)
   if mem is None:
     raise UserError(f"XLA gives no memory analysis for {what}; nothing to plan with")
-  hbm, hbm_what = (t.gpu[1], f"{kind} memory") if t.gpu else device_capacity(devices[0])
+  hbm, hbm_what = ((gpus.usable_bytes(t.gpu), f"{gpus.mem_fraction():.0%} of {kind} memory, "
+                    "XLA_PYTHON_CLIENT_MEM_FRACTION") if t.gpu else device_capacity(devices[0]))
   return Plan(mem, params, opt, hbm, hbm_what, _xla_flops(compiled, len(devices)), model_flops,
-              round(seconds, 2), kind, what, mesh_sizes, c.model.scan_layers, bool(t.gpu))
+              round(seconds, 2), kind, what, mesh_sizes, c.model.scan_layers, t.estimate)
 
 
 _OOM = re.compile(r"temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
@@ -295,9 +313,16 @@ def _shard_bytes(tree: Any) -> int:
 
 
 def _xla_flops(compiled: Any, n_devices: int) -> float | None:
-  """XLA's FLOPs of one step over all devices (its cost analysis is per device program)."""
+  """XLA's FLOPs of one step over all devices (its cost analysis is per device program).
+  Compile-only CUDA executables give none through jax's API: XLA's HLO cost analysis of the
+  optimized module (the same count jax's API runs) gives it."""
   try:
     cost = compiled.cost_analysis()
+    if not cost:
+      from jax._src import xla_bridge
+      from jax._src.lib import _jax
+      cost = _jax.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"),
+                                           compiled.runtime_executable().hlo_modules()[0])
   except Exception:
     return None
   if isinstance(cost, (list, tuple)):

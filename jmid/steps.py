@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jmid import loss as loss_lib
 from jmid import model as model_lib
 from jmid import ring, sharding
 
@@ -56,16 +57,18 @@ def in_context_layout(batch: Batch, layout: str) -> tuple[Batch, str]:
 
 
 def loss_sums(graphdef: nnx.GraphDef, params: dict, batch: Batch, z_loss: float = 0.0,
-              context_layout: str = "contiguous") -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(objective summed over target tokens, {ce_sum, z_sum, count}); all in float32."""
+              context_layout: str = "contiguous", loss_chunks: int = 0
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(objective summed over target tokens, {ce_sum, z_sum, count}); all in float32.
+  loss_chunks > 0: the LM head and loss in that many chunks of positions (jmid.loss)."""
   batch, layout = in_context_layout(batch, context_layout)
-  logits_btv = model_lib.apply(graphdef, params, batch["inputs"], batch["positions"],
-                               batch["segment_ids"], layout)
-  logz_bt = jax.nn.logsumexp(logits_btv, axis=-1)
-  target_logit_bt = jnp.take_along_axis(logits_btv, batch["targets"][..., None], axis=-1)[..., 0]
+  x_bte, head_ev = model_lib.hidden(graphdef, params, batch["inputs"], batch["positions"],
+                                    batch["segment_ids"], layout)
   mask_bt = batch["loss_mask"].astype(jnp.float32)
-  ce_sum = jnp.sum((logz_bt - target_logit_bt) * mask_bt)
-  z_sum = jnp.sum(jnp.square(logz_bt) * mask_bt)
+  if loss_chunks:
+    ce_sum, z_sum = loss_lib.chunked(x_bte, head_ev, batch["targets"], mask_bt, loss_chunks)
+  else:
+    ce_sum, z_sum = loss_lib.plain(x_bte, head_ev, batch["targets"], mask_bt)
   objective = ce_sum + z_loss * z_sum
   return objective, {"ce_sum": ce_sum, "z_sum": z_sum, "count": jnp.sum(mask_bt)}
 
@@ -82,7 +85,7 @@ def _microbatches(batch: Batch, n: int) -> Batch:
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     lr_fn: optax.Schedule, microbatches: int = 1,
                     z_loss: float = 0.0, ema_decay: float = 0.0,
-                    context_layout: str = "contiguous"
+                    context_layout: str = "contiguous", loss_chunks: int = 0
                     ) -> Callable[[State, Batch], tuple[State, dict]]:
   """Builds the pure step; train.py jits it once with explicit shardings and donation.
 
@@ -91,8 +94,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   counter (params, optimizer state and EMA stay as they were) and reports `skipped` = 1: one
   bad batch costs a step, never the run, and no non-finite value ever enters the state.
   """
-  grad_fn = jax.grad(lambda p, b: loss_sums(graphdef, p, b, z_loss, context_layout),
-                     has_aux=True)
+  grad_fn = jax.grad(lambda p, b: loss_sums(graphdef, p, b, z_loss, context_layout,
+                                            loss_chunks), has_aux=True)
 
   def train_step(state: State, batch: Batch) -> tuple[State, dict]:
     params = state["params"]
@@ -141,10 +144,11 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def make_eval_step(graphdef: nnx.GraphDef, context_layout: str = "contiguous"
-                   ) -> Callable[[dict, Batch], dict[str, jax.Array]]:
+def make_eval_step(graphdef: nnx.GraphDef, context_layout: str = "contiguous",
+                   loss_chunks: int = 0) -> Callable[[dict, Batch], dict[str, jax.Array]]:
   """(params, batch) -> {ce_sum, count}: the caller averages over batches per target token."""
   def eval_step(params: dict, batch: Batch) -> dict[str, jax.Array]:
-    _, sums = loss_sums(graphdef, params, batch, context_layout=context_layout)
+    _, sums = loss_sums(graphdef, params, batch, context_layout=context_layout,
+                        loss_chunks=loss_chunks)
     return {"ce_sum": sums["ce_sum"], "count": sums["count"]}
   return eval_step

@@ -26,7 +26,7 @@ from jmid import checkpoint as ckpt_lib
 from jmid import config as config_lib
 from jmid import distributed
 from jmid import model as model_lib
-from jmid import build, configfile, fs, handoff, loop, passkey, plan, resume, sharding
+from jmid import build, configfile, fs, handoff, loop, passkey, plan, resume, runtime, sharding
 from jmid import workdir as workdir_lib
 from jmid.errors import UserError
 from jmid.data import pipeline
@@ -71,6 +71,7 @@ def _start(c: config_lib.Config, signals: cli.StopFlag) -> loop.Started:
   distributed.same_config(dataclasses.asdict(c))
   mesh = sharding.make_mesh(c.mesh)
   build.check_runtime(c, mesh)
+  cache = runtime.compilation_cache(c.run.compilation_cache, mesh.devices.flat[0].platform)
   main_process = jax.process_index() == 0
   claim, lock, lock_note = _claim(c) if main_process else (None, None, "")
   manager = None
@@ -100,13 +101,14 @@ def _start(c: config_lib.Config, signals: cli.StopFlag) -> loop.Started:
       state, start, how = _initial_state(c, su, mesh, manager, latest, origin, data_iter)
     signals.check()
     start_lr = float(su.lr_fn(start))
-    notes = [n for n in (lock_note, rolled, changed) if n]
+    notes = [n for n in (lock_note, rolled, changed, *runtime.NOTES, cache) if n]
     if main_process:
       fs.write_text(os.path.join(c.run.workdir, "config.json"),
                     json.dumps(config_lib.to_json_dict(c), indent=2))
       n_params = model_lib.count_params(state["params"])
       print(f"jmid: {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} | "
-            f"{jax.device_count()} {jax.devices()[0].platform} devices | {how} | "
+            f"{jax.device_count()} {jax.devices()[0].platform} devices | attention "
+            f"{build.attention_for(c, mesh)} | {how} | "
             f"lr at step {start} {start_lr:.3e}" + "".join(f" | {n}" for n in notes), flush=True)
   except BaseException:
     if manager is not None:
@@ -194,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
   cfg = configfile.parse([sys.argv[0], *argv])
+  runtime.NOTES[:] = runtime.set_env_defaults()  # before any jax backend starts
   logging.set_verbosity(logging.WARNING)
   cli.quiet_library_errors()
   distributed.initialize()

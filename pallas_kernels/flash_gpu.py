@@ -14,11 +14,17 @@ data-dependent skip, GQA index maps) lowers through Triton on every jax we suppo
 cast by hand) and a fast Mosaic GPU attention is a different program (warpgroup matmuls, TMA,
 warp specialisation) that cannot be checked without a Hopper. Triton is deprecated upstream,
 so a Mosaic GPU kernel is the follow-up once a GPU is lent to measure both.
+
+That choice is made here, once: jax (from 0.11) warns at every Triton lowering that the backend
+is deprecated, so that one warning is filtered below. Should jax make the deprecation an error
+(jax._src.deprecations "accelerated"), triton_usable() says so and jmid's attention='auto'
+stops choosing this kernel on GPUs; 'pallas' on a GPU then fails in jax with its own words.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +33,19 @@ from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels.blocks import (PAD_KV, PAD_Q, Cfg, fit, kv_range, logits, mm, pad,
                                    probs_and_dlogits, q_range)
+
+warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated",
+                        category=DeprecationWarning)
+
+
+def triton_usable() -> bool:
+  """False once jax turns its Triton deprecation into an error."""
+  try:
+    from jax._src import deprecations
+    return not deprecations.is_accelerated("jax-pallas-triton")
+  except (ImportError, ValueError):  # jax before the deprecation registered it: usable
+    return True
+
 
 FWD_BLOCKS, BWD_BLOCKS = (128, 64), (64, 64)  # (query, key); untuned until a GPU is lent
 

@@ -85,7 +85,7 @@ def test_gqa_attention_matches_repeated_heads_reference():
   np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "save:qkv,attn,mlp_out"])
 def test_remat_same_values_and_grads(remat):
   cfg, graphdef, params = _model()
   cfg_r, graphdef_r, _ = _model(remat=remat)

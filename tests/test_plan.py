@@ -10,7 +10,7 @@ import sys
 import jax
 import pytest
 
-from jmid import build, configfile, plan, sharding
+from jmid import build, configfile, gpus, plan, sharding
 from jmid import config as config_lib
 
 DEMO = "--config=configs/demo/pretrain.py"
@@ -96,15 +96,18 @@ def test_the_model_flops_formula_agrees_with_xla_within_5_percent():
     assert p.flops_per_step == pytest.approx(p.model_flops_per_step, rel=0.05), (d, layers)
 
 
-def test_a_gpu_target_is_an_estimate_on_cpu_stand_ins(tmp_path, capsys):
-  """No compile-only GPU devices exist in jax: h100:N compiles for N CPU stand-ins of the same
-  mesh and says so, with the GPU's memory. A fresh process makes as many stand-ins as named;
-  one whose CPU backend has started uses what it has, or says to start afresh."""
+@pytest.mark.skipif(gpus.cuda_plugin() is not None, reason="jax's CUDA plugin is installed: "
+                    "GPU targets are compile-only, not estimated (the test below)")
+def test_a_gpu_target_is_an_estimate_on_cpu_stand_ins(tmp_path, capsys, monkeypatch):
+  """Without jax's CUDA plugin h100:N compiles for N CPU stand-ins of the same mesh and says
+  so, against the share of the GPU's memory jax will use. A fresh process makes as many
+  stand-ins as named; one whose CPU backend has started uses what it has, or says so."""
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
   out = tmp_path / "gpu.json"
   assert plan.main([DEMO, "--topology=h100:4", f"--json={out}"]) == 0
   got = json.loads(out.read_text())
   assert got["estimate"] is True and got["device_kind"] == "NVIDIA H100 80GB HBM3"
-  assert got["hbm_bytes"] == 81559 * 2**20 and got["mesh"]["fsdp"] == 4
+  assert got["hbm_bytes"] == int(0.9 * 84942979072) and got["mesh"]["fsdp"] == 4
   assert "an ESTIMATE from CPU stand-ins" in capsys.readouterr().out
   assert plan.main([DEMO, "--topology=h200:64"]) == 2
   assert "run jmid.plan in a fresh process" in capsys.readouterr().err
@@ -119,8 +122,50 @@ def test_a_gpu_target_is_an_estimate_on_cpu_stand_ins(tmp_path, capsys):
   assert "data=2 fsdp=8" in proc.stdout
 
 
+@pytest.mark.skipif(gpus.cuda_plugin() is None and not os.environ.get("JMID_NEED_CUDA_PLUGIN"),
+                    reason="jax's CUDA plugin is not installed (.ci/run installs it for this test)")
+def test_a_gpu_target_is_xlas_own_gpu_program_with_the_cuda_plugin(tmp_path, capfd):
+  """With jax's CUDA plugin on this GPU-less host h100:16 is XLA's compile-only CUDA devices
+  in 2 nodes of 8 (process_index is the node, so data parallel crosses them): the step is
+  compiled for sm_90a, our Pallas kernel through Triton, and the plan is XLA's GPU memory and
+  FLOPs, against 90% of the GPU (jmid's default share); an 8B shape on one GPU does not fit."""
+  os.environ.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
+  t = plan.target("h100:16")
+  assert {d.platform for d in t.devices} == {"gpu"} and not t.estimate
+  assert [d.process_index for d in t.devices] == [0] * 8 + [1] * 8
+  c = config_lib.from_configdict(configfile.parse(
+      ["plan", DEMO, "--config.model.attention=pallas", "--config.model.n_layers=1"]))
+  mesh = sharding.make_mesh(c.mesh, t.devices, t.granule_of)
+  su = build.setup(c, mesh)
+  hlo = plan.compile_train_step(c, su.train_step, su.abstract_state, su.batch_sh).as_text()
+  assert "__gpu$xla.gpu.triton" in hlo and "cuda" in hlo.lower()
+  out = tmp_path / "gpu.json"
+  assert plan.main([DEMO, "--topology=h100:16", "--config.model.attention=pallas",
+                    f"--json={out}"]) == 0
+  got = json.loads(out.read_text())
+  assert got["estimate"] is False and got["device_kind"] == "NVIDIA H100 80GB HBM3"
+  assert got["mesh"] == {"data": 2, "fsdp": 8, "tensor": 1, "context": 1}
+  assert got["hbm_bytes"] == int(0.9 * 84942979072) and got["flops_per_step"] > 0
+  assert "(compile-only)" in capfd.readouterr().out
+  assert plan.main([DEMO, "--topology=h100:1", *EIGHT_B]) == 3
+  assert "DOES NOT FIT" in capfd.readouterr().out
+
+
 @pytest.mark.parametrize("topology", ["h100", "v9z:2x2", "v5e", "h100:12"])
 def test_an_unknown_target_is_one_line(topology, capsys):
   assert plan.main([DEMO, f"--topology={topology}"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith(f"jmid: error: --topology={topology}: ")
+
+
+def test_named_remat_saves_what_it_names_and_the_plan_shows_the_memory():
+  """model.remat='save:...' keeps exactly the named values of each layer for the backward
+  pass: more names, more memory, between remat 'full' (nothing kept) and 'none' (all)."""
+  def temp(remat: str) -> int:
+    c = config_lib.from_configdict(configfile.parse(
+        ["plan", DEMO, f"--config.model.remat={remat}", "--config.data.seq_len=256",
+         "--config.model.n_layers=4", "--config.train.global_batch=8"]))
+    return plan.make_plan(c, plan.Target(jax.devices()[:1], "1 cpu device")).memory["temp_bytes"]
+  full, qkv, most, none = (temp(r) for r in ("full", "save:qkv", "save:qkv,attn,mlp_hidden",
+                                                  "none"))
+  assert full < qkv < most <= none, (full, qkv, most, none)

@@ -146,10 +146,10 @@ def _same_training(a, b, rtol=2e-5):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("fsdp,layout", [(1, "zigzag"), (2, "zigzag"), (2, "contiguous")])
-def test_a_model_on_a_context_axis_trains_as_on_one_device(fsdp, layout):
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_a_model_on_a_context_axis_trains_as_on_one_device(layout):
   one = _train(_context_config(1))
-  _same_training(_train(_context_config(4, fsdp, layout)), one)
+  _same_training(_train(_context_config(4, 2, layout)), one)
   assert one[0][-1] < one[0][0]  # and it trains
 
 
