@@ -15,6 +15,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
+from jmid import fs
 from jmid.errors import ConfigError
 
 
@@ -344,6 +345,8 @@ def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
 def validate(c: Config) -> None:
   """Checks values alone and against each other; device counts are checked in sharding.py."""
   m, o, t, dt = c.model, c.optim, c.train, c.data
+  fs.check_scheme(c.run.workdir, "run.workdir")  # before anything is made under that name
+  fs.check_scheme(c.init.from_path, "init.from_path")
   for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
     _check(getattr(m, key) > 0, f"model.{key}={getattr(m, key)}: must be a positive integer")
   _check(m.head_dim >= 0, f"model.head_dim={m.head_dim}: must be >= 0 (0 = d_model // n_heads)")

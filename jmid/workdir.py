@@ -217,7 +217,7 @@ class Claim:
 
   def __init__(self, workdir: str) -> None:
     self.workdir = workdir
-    self.created_dir = not fs.exists(workdir)
+    self.created = _outermost_missing(workdir)  # "" when the workdir exists
     self.before: set[str] = set()
 
   def snapshot(self) -> None:
@@ -226,10 +226,24 @@ class Claim:
     self.before = set(fs.listdir(self.workdir))
 
   def undo(self) -> None:
-    """Removes the workdir if this start made it, else only the entries it added."""
-    if self.created_dir:
-      fs.rmtree(self.workdir)
+    """Removes the workdir (and the parents made for it) if this start made it, else only the
+    entries it added."""
+    if self.created:
+      fs.rmtree(self.created)
       return
     for name in set(fs.listdir(self.workdir)) - self.before - {LOCK}:
       p = os.path.join(self.workdir, name)
       fs.rmtree(p) if fs.isdir(p) else fs.remove(p)
+
+
+def _outermost_missing(path: str) -> str:
+  """The outermost folder that making `path` creates (a bucket has no folders: `path`)."""
+  if fs.exists(path):
+    return ""
+  if fs.is_remote(path):
+    return path
+  top = os.path.abspath(path)
+  parent = os.path.dirname(top)
+  while parent != top and not os.path.exists(parent):
+    top, parent = parent, os.path.dirname(parent)
+  return top

@@ -33,6 +33,7 @@ CASES = [
      "data.seq_len=200 does not cut into 16 equal chunks for mesh.context=8"),
     (["--config.mesh.context=2", "--config.mesh.context_layout=striped"],
      "mesh.context_layout='striped': unknown"),
+    (["--config.run.workdir=s3://b/run"], "run.workdir=s3://b/run: s3:// is not supported"),
 ]
 
 
@@ -54,7 +55,7 @@ def test_bad_config_exits_2_with_one_line(args, expected, tmp_path):
   assert "Traceback" not in proc.stderr
   assert lines[-1].startswith("jmid: error:"), proc.stderr[-2000:]
   assert expected in lines[-1], lines[-1]
-  assert not workdir.exists()  # nothing half-written
+  assert not workdir.exists() and not os.path.exists(os.path.join(ROOT, "s3:"))  # nothing made
 
 
 def test_missing_config_file(tmp_path):
@@ -71,10 +72,12 @@ def _assert_one_line_exit_2(proc, expected):
 
 
 def test_init_from_a_path_that_is_not_a_checkpoint(tmp_path):
+  """...found once the workdir is made: the failed start removes it and the parents it made."""
   (tmp_path / "notes").mkdir()
-  proc, workdir = _run([f"--config.init.from_path={tmp_path / 'notes'}"], tmp_path)
+  proc, _ = _run([f"--config.init.from_path={tmp_path / 'notes'}",
+                  f"--config.run.workdir={tmp_path / 'new' / 'deeper' / 'run'}"], tmp_path)
   _assert_one_line_exit_2(proc, "not a jmid workdir with checkpoints")
-  assert not workdir.exists()
+  assert sorted(os.listdir(tmp_path)) == ["cache", "notes"]
 
 
 def test_init_from_a_checkpoint_of_another_architecture(tmp_path):
