@@ -38,6 +38,7 @@ class Setup:
   train_step: Any  # (state, batch) -> (state, metrics), state donated
   eval_step: Any  # (params, batch) -> {ce_sum, count}
   mesh: jax.sharding.Mesh
+  attention: str  # model.attention as it runs ('auto' chosen for the mesh's devices)
 
 
 def attention_for(c: config_lib.Config, mesh: jax.sharding.Mesh) -> str:
@@ -83,7 +84,7 @@ def setup(c: config_lib.Config, mesh: jax.sharding.Mesh) -> Setup:
                       in_shardings=(param_sh, batch_sh))
   return Setup(graphdef, names, tx, lr_fn, param_sh, state_sh, batch_sh,
                ckpt_lib.abstract_with_shardings(abstract_state, state_sh), create, from_params,
-               train_step, eval_step, mesh)
+               train_step, eval_step, mesh, c.model.attention)
 
 
 def loss_chunks(c: config_lib.Config, mesh: jax.sharding.Mesh, rows: int) -> int:

@@ -16,6 +16,8 @@ import os
 
 import jax
 
+from jmid.errors import UserError
+
 GPUS_PER_NODE = 8  # an HGX node: NVLink inside, InfiniBand between nodes
 # The share of each GPU's memory jax's allocator takes (XLA_PYTHON_CLIENT_MEM_FRACTION) unless
 # the user sets it: jmid.train sets this (jmid/runtime.py), where jax's own default is 0.75
@@ -50,10 +52,15 @@ GPUS = {
 
 def mem_fraction() -> float:
   """The share of each GPU jax will use, as the run's environment sets it."""
+  v = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", str(DEFAULT_MEM_FRACTION))
   try:
-    return float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_MEM_FRACTION))
+    f = float(v)
   except ValueError:
-    return DEFAULT_MEM_FRACTION
+    f = -1.0
+  if not 0 < f <= 1:
+    raise UserError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={v}: must be a fraction in (0, 1], e.g. "
+                    f"{DEFAULT_MEM_FRACTION}; unset it for jmid's default")
+  return f
 
 
 def usable_bytes(g: Gpu) -> int:

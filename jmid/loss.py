@@ -32,9 +32,7 @@ def n_chunks(seq_len: int, chunk: int, context: int = 1) -> int:
 def plain(x_bte: jax.Array, head_ev: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array
           ) -> tuple[jax.Array, jax.Array]:
   """(cross-entropy sum, z sum) over masked tokens, with all logits at once: the reference."""
-  logits = jnp.einsum("bte,ev->btv", x_bte, head_ev.astype(x_bte.dtype),
-                      preferred_element_type=jnp.float32)
-  return _sums(logits, targets_bt, mask_bt)[:2]
+  return _sums(logits(x_bte, head_ev), targets_bt, mask_bt)[:2]
 
 
 def _sums(logits: jax.Array, targets: jax.Array, mask: jax.Array
@@ -57,8 +55,9 @@ def chunked(x_bte: jax.Array, head_ev: jax.Array, targets_bt: jax.Array, mask_bt
   return _forward(x_bte, head_ev, targets_bt, mask_bt, n)[0]
 
 
-def _logits(x_bce: jax.Array, head_ev: jax.Array) -> jax.Array:
-  return jnp.einsum("bce,ev->bcv", x_bce, head_ev.astype(x_bce.dtype),
+def logits(x_bte: jax.Array, head_ev: jax.Array) -> jax.Array:
+  """The LM head: a matmul in the hidden states' (compute) dtype, accumulated in float32."""
+  return jnp.einsum("bte,ev->btv", x_bte, head_ev.astype(x_bte.dtype),
                     preferred_element_type=jnp.float32)
 
 
@@ -66,7 +65,7 @@ def _forward(x_bte: jax.Array, head_ev: jax.Array, targets_bt: jax.Array, mask_b
              n: int) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
   def body(carry: tuple, xs: tuple) -> tuple[tuple, jax.Array]:
     x, targets, mask = xs
-    ce, z, logz = _sums(_logits(x, head_ev), targets, mask)
+    ce, z, logz = _sums(logits(x, head_ev), targets, mask)
     return (carry[0] + ce, carry[1] + z), logz
   zero = jnp.zeros((), jnp.float32)
   sums, logz = jax.lax.scan(body, (zero, zero), (_strided(x_bte, n), _strided(targets_bt, n),
@@ -88,12 +87,12 @@ def _bwd(n: int, res: tuple, g: tuple[jax.Array, jax.Array]) -> tuple:
 
   def body(dhead: jax.Array, xs: tuple) -> tuple[jax.Array, jax.Array]:
     x, targets, mask, lz = xs
-    logits = _logits(x, head_ev)
-    p = jnp.exp(logits - lz[..., None])
+    chunk_logits = logits(x, head_ev)
+    p = jnp.exp(chunk_logits - lz[..., None])
     # d ce / d logits = p - onehot(target); d logz^2 / d logits = 2 logz p; both masked
     scale = (mask * g_ce)[..., None]
     dlogits = p * (scale + (mask * g_z * 2.0 * lz)[..., None])
-    onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.bool_)
+    onehot = jax.nn.one_hot(targets, chunk_logits.shape[-1], dtype=jnp.bool_)
     dlogits = (dlogits - jnp.where(onehot, scale, 0.0)).astype(cd)
     dx = jnp.einsum("bcv,ev->bce", dlogits, head_ev.astype(cd),
                     preferred_element_type=jnp.float32).astype(cd)
@@ -104,6 +103,10 @@ def _bwd(n: int, res: tuple, g: tuple[jax.Array, jax.Array]) -> tuple:
                            (_strided(x_bte, n), _strided(targets_bt, n),
                             _strided(mask_bt, n), logz))
   dx_bte = jnp.moveaxis(dx, 0, 2).reshape(b, t, e).astype(x_bte.dtype)
+  # A tied head is embed.T: XLA would fold that transpose into a lone chunk's dhead matmul,
+  # making a bf16 dot (contracting lhs dim 0) that XLA:CPU cannot run ("DotThunk: BF16 x BF16
+  # = F32"); the barrier keeps the matmul as written and the transpose a copy after it.
+  dhead = jax.lax.optimization_barrier(dhead)
   return dx_bte, dhead.astype(head_ev.dtype), None, None
 
 

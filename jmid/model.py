@@ -16,6 +16,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jmid import attention as attention_lib
+from jmid import loss as loss_lib
 from jmid import sharding
 from jmid.config import ModelConfig
 from jmid.rope import apply_rope
@@ -105,7 +106,8 @@ class Block(nnx.Module):
     q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
     # 'auto' is chosen by build.setup for the mesh; a model built elsewhere (hf.load, passkey)
     # chooses for the devices it runs on
-    impl = attention_lib.choose(cfg, jax.devices()[0], sharding.context_size())
+    impl = cfg.attention if cfg.attention != "auto" else attention_lib.choose(
+        cfg, jax.devices()[0], sharding.context_size())
     o_bthd = attention_lib.attention(q, k, v, segment_ids_bt, implementation=impl,
                                      window=cfg.sliding_window, layout=context_layout,
                                      max_docs=cfg.cudnn_max_docs)
@@ -150,9 +152,7 @@ class Decoder(nnx.Module):
     'contiguous' is the row's own order; 'zigzag' means the caller permuted them so
     (jmid.ring.permutation), and ring attention must know where each device's chunks sit."""
     x_bte, head_ev = self.hidden(inputs_bt, positions_bt, segment_ids_bt, context_layout)
-    logits = jnp.einsum("bte,ev->btv", x_bte, head_ev.astype(x_bte.dtype),
-                        preferred_element_type=jnp.float32)
-    return sharding.constrain(logits, ("batch", "length", "vocab"))
+    return sharding.constrain(loss_lib.logits(x_bte, head_ev), ("batch", "length", "vocab"))
 
   def hidden(self, inputs_bt: jax.Array, positions_bt: jax.Array | None = None,
              segment_ids_bt: jax.Array | None = None,

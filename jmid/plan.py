@@ -196,6 +196,7 @@ def _gpu_target(topology: str, generation: str, count: str) -> Target:
     raise UserError(f"--topology={topology}: more than one node takes a multiple of "
                     f"{per_node} GPUs")
   g = gpus.GPUS[generation]
+  gpus.mem_fraction()  # a share that is not one ends here, before any compile
   nodes = f" in {n // per_node} nodes" if n > per_node else ""
   if gpus.cuda_plugin():
     with contextlib.suppress(Exception):  # compile-only: this host's own GPUs, if any, unused

@@ -108,7 +108,7 @@ def _start(c: config_lib.Config, signals: cli.StopFlag) -> loop.Started:
       n_params = model_lib.count_params(state["params"])
       print(f"jmid: {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} | "
             f"{jax.device_count()} {jax.devices()[0].platform} devices | attention "
-            f"{build.attention_for(c, mesh)} | {how} | "
+            f"{su.attention} | {how} | "
             f"lr at step {start} {start_lr:.3e}" + "".join(f" | {n}" for n in notes), flush=True)
   except BaseException:
     if manager is not None:

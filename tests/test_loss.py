@@ -13,27 +13,32 @@ from jmid.plan import compile_train_step
 from tests.helpers import synthetic_batch, tiny_configdict
 
 
-def _objective(fn, x, head, targets, mask):
-  ce, z = fn(x, head, targets, mask)
+def _objective(fn, x, head, targets, mask, tied):
+  ce, z = fn(x, head.T if tied else head, targets, mask)  # tied: the embedding [v, e]
   return ce + 0.3 * z  # z-loss kept: its gradient path is the chunked backward's too
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_chunked_equals_plain_in_value_and_gradient(dtype):
-  """Masked tokens, z-loss, chunks of 1 position to the whole row: the same sums and the same
-  gradients for the hidden states and the head (bf16: the matmuls in bf16 with f32
-  accumulation on both sides, so they agree to bf16 rounding)."""
+@pytest.mark.parametrize("dtype,tied", [(jnp.float32, False), (jnp.bfloat16, False),
+                                        (jnp.bfloat16, True)])
+def test_chunked_equals_plain_in_value_and_gradient(dtype, tied):
+  """Masked tokens, z-loss, chunks of 1 position to the whole row, compiled: the same sums and
+  the same gradients for the hidden states and the head (bf16: the matmuls in bf16 with f32
+  accumulation on both sides, so they agree to bf16 rounding). A tied head (embed.T) in one
+  chunk once compiled to a bf16 matmul XLA:CPU cannot run."""
   k = jax.random.split(jax.random.PRNGKey(0), 4)
   b, t, e, v = 2, 24, 16, 97
   x = jax.random.normal(k[0], (b, t, e)).astype(dtype)
-  head = jax.random.normal(k[1], (e, v)) * 0.3
+  head = jax.random.normal(k[1], (v, e) if tied else (e, v)) * 0.3
   targets = jax.random.randint(k[2], (b, t), 0, v)
   mask = (jax.random.uniform(k[3], (b, t)) > 0.3).astype(jnp.float32)
-  want = jax.value_and_grad(_objective, argnums=(1, 2))(loss.plain, x, head, targets, mask)
+
+  def value_and_grad(fn):
+    return jax.jit(jax.value_and_grad(lambda x, h: _objective(fn, x, h, targets, mask, tied),
+                                      argnums=(0, 1)))(x, head)
+  want = value_and_grad(loss.plain)
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
   for n in (1, 3, t):
-    fn = lambda *a, n=n: loss.chunked(*a, n)  # noqa: E731
-    got = jax.value_and_grad(_objective, argnums=(1, 2))(fn, x, head, targets, mask)
+    got = value_and_grad(lambda *a, n=n: loss.chunked(*a, n))
     np.testing.assert_allclose(got[0], want[0], rtol=tol)
     for g, w in zip(got[1], want[1]):
       assert g.dtype == w.dtype

@@ -2,8 +2,10 @@
 its figures are the compiled step's own memory analysis, and a step that cannot fit is exit 3.
 """
 
+import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -120,16 +122,24 @@ def test_a_gpu_target_is_an_estimate_on_cpu_stand_ins(tmp_path, capsys, monkeypa
   # two nodes of 8: data parallel across them (mesh.dcn_data=0), fsdp over the 8 inside
   assert "16 x NVIDIA H200 in 2 nodes, an ESTIMATE" in proc.stdout, proc.stdout
   assert "data=2 fsdp=8" in proc.stdout
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".9x")
+  assert plan.main([DEMO, "--topology=h100:4"]) == 2
+  assert "XLA_PYTHON_CLIENT_MEM_FRACTION=.9x: must be a fraction in (0, 1]" in \
+      capsys.readouterr().err
 
 
-@pytest.mark.skipif(gpus.cuda_plugin() is None and not os.environ.get("JMID_NEED_CUDA_PLUGIN"),
-                    reason="jax's CUDA plugin is not installed (.ci/run installs it for this test)")
-def test_a_gpu_target_is_xlas_own_gpu_program_with_the_cuda_plugin(tmp_path, capfd):
+NEEDS_CUDA_PLUGIN = pytest.mark.skipif(
+    gpus.cuda_plugin() is None and not os.environ.get("JMID_NEED_CUDA_PLUGIN"),
+    reason="jax's CUDA plugin is not installed (.ci/run installs it for this test)")
+
+
+@NEEDS_CUDA_PLUGIN
+def test_a_gpu_target_is_xlas_own_gpu_program_with_the_cuda_plugin(tmp_path, capfd, monkeypatch):
   """With jax's CUDA plugin on this GPU-less host h100:16 is XLA's compile-only CUDA devices
   in 2 nodes of 8 (process_index is the node, so data parallel crosses them): the step is
   compiled for sm_90a, our Pallas kernel through Triton, and the plan is XLA's GPU memory and
   FLOPs, against 90% of the GPU (jmid's default share); an 8B shape on one GPU does not fit."""
-  os.environ.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
   t = plan.target("h100:16")
   assert {d.platform for d in t.devices} == {"gpu"} and not t.estimate
   assert [d.process_index for d in t.devices] == [0] * 8 + [1] * 8
@@ -149,6 +159,22 @@ def test_a_gpu_target_is_xlas_own_gpu_program_with_the_cuda_plugin(tmp_path, cap
   assert "(compile-only)" in capfd.readouterr().out
   assert plan.main([DEMO, "--topology=h100:1", *EIGHT_B]) == 3
   assert "DOES NOT FIT" in capfd.readouterr().out
+
+
+@NEEDS_CUDA_PLUGIN
+@pytest.mark.parametrize("recipe", ["llama3_2_1b", "qwen3_1_7b"])
+def test_a_recipes_memory_is_what_its_plan_says_with_the_cuda_plugin(recipe, tmp_path,
+                                                                    monkeypatch):
+  """The per-GPU memory a recipe's docstring states for one H100 is the exact plan's (to 0.1
+  GiB): a changed layout, model or compiler shows here."""
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  doc = importlib.import_module(f"configs.recipes.{recipe}").__doc__
+  stated = float(re.search(r"- h100: .*\n  ([\d.]+) GiB per GPU", doc).group(1))
+  out = tmp_path / "plan.json"
+  assert plan.main([f"--config=configs/recipes/{recipe}.py:h100", "--topology=h100:1",
+                    f"--json={out}"]) == 0
+  got = json.loads(out.read_text())
+  assert not got["estimate"] and abs(got["per_device_bytes"] / 2**30 - stated) <= 0.05, got
 
 
 @pytest.mark.parametrize("topology", ["h100", "v9z:2x2", "v5e", "h100:12"])
