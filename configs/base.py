@@ -21,6 +21,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.run.compilation_cache = "~/.cache/jmid/xla"
 
   c.model = ConfigDict()
+  # The Hugging Face family the model is (llama | mistral | qwen2 | qwen3; hf.set_model sets it
+  # from a folder's config.json): it fixes the switches below as that family has them, and
+  # export writes that architecture. "" = none: export writes the family the switches match.
+  c.model.family = ""
   c.model.vocab_size = 32000  # rows of the embedding; >= the tokenizer's vocab
   c.model.d_model = 512  # residual width
   c.model.n_layers = 8  # decoder blocks (stacked and scanned)

@@ -15,7 +15,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from jmid import fs
+from jmid import families, fs
 from jmid.errors import ConfigError
 
 
@@ -94,6 +94,7 @@ class ModelConfig:
   sliding_window: int = 0
   cudnn_max_docs: int = 32  # attention='cudnn': document slots per row of its packed layout
   scan_layers: bool = True  # False: the layers unrolled (longer compile; XLA counts every layer)
+  family: str = ""  # the Hugging Face family (jmid/families.py); "" = none
 
   @property
   def dh(self) -> int:
@@ -383,6 +384,11 @@ def validate(c: Config) -> None:
     _choice("model.remat", m.remat, REMAT)
   _choice("model.param_dtype", m.param_dtype, DTYPES)
   _choice("model.compute_dtype", m.compute_dtype, DTYPES)
+  _check(m.family in families.NAMES, f"model.family={m.family!r}: unknown; choose one of "
+         f"{', '.join(families.FAMILIES)}, or '' for none")
+  problem = families.mismatch(m.family, m.qkv_bias, m.qk_norm, m.sliding_window)
+  _check(not problem, f"model.family={m.family!r}: {problem}; set the switch as the family has "
+         "it, or model.family='' for a model of jmid's own")
   _check(m.cudnn_max_docs > 0, f"model.cudnn_max_docs={m.cudnn_max_docs}: must be > 0")
 
   for key in ("data", "fsdp", "tensor", "context"):

@@ -233,7 +233,8 @@ def test_export_to_a_read_only_volume_is_one_line(workdir, tmp_path, capsys):
 def test_interrupted_export_removes_its_temp_folder_only(workdir, tmp_path, capsys, monkeypatch):
   (tmp_path / "hf.tmp").mkdir()  # someone else's: an export never deletes what it did not make
   (tmp_path / "hf.tmp" / "keep").write_text("x")
-  leaves = export._checkpoint_leaves
+  from jmid import hf_write  # the writer behind the export CLI
+  leaves = hf_write._checkpoint_leaves
 
   def signalled(step_dir):  # SIGTERM arrives after the first array is written
     for k, (key, a) in enumerate(leaves(step_dir)):
@@ -241,7 +242,7 @@ def test_interrupted_export_removes_its_temp_folder_only(workdir, tmp_path, caps
         cli.STOP(signal.SIGTERM, None)
       yield key, a
 
-  monkeypatch.setattr(export, "_checkpoint_leaves", signalled)
+  monkeypatch.setattr(hf_write, "_checkpoint_leaves", signalled)
   assert export.main([f"--workdir={workdir}", f"--out={tmp_path / 'hf'}"]) == 128 + 15
   assert "SIGTERM" in capsys.readouterr().err
   assert sorted(os.listdir(tmp_path)) == ["hf.tmp"] and os.listdir(tmp_path / "hf.tmp") == ["keep"]
@@ -250,7 +251,7 @@ def test_interrupted_export_removes_its_temp_folder_only(workdir, tmp_path, caps
     yield from list(leaves(step_dir))[:2]
     raise RuntimeError("a bug mid-way")
 
-  monkeypatch.setattr(export, "_checkpoint_leaves", broken)
+  monkeypatch.setattr(hf_write, "_checkpoint_leaves", broken)
   with pytest.raises(RuntimeError):
     export.export(str(workdir), str(tmp_path / "a" / "b" / "hf"))
   assert sorted(os.listdir(tmp_path)) == ["hf.tmp"]  # nor the parent folders it made

@@ -1,0 +1,42 @@
+"""Model families (jmid/families.py): config.json -> model.* -> config.json round trips for
+each family, the family of a model spec written before model.family existed, and a family
+whose switches are contradicted is one line."""
+
+import dataclasses
+
+import pytest
+
+from jmid import families
+from jmid.errors import ConfigError, UserError
+from tests.helpers import tiny_configdict
+
+SWITCHES = {"llama": {}, "mistral": {"sliding_window": 16}, "qwen2": {"qkv_bias": True},
+            "qwen3": {"qk_norm": True}}
+
+
+@pytest.mark.parametrize("name", list(families.FAMILIES))
+def test_each_family_round_trips_through_its_config_json(name):
+  from jmid import config as config_lib
+  c = tiny_configdict(family=name, **SWITCHES[name], rope_scaling="llama3", rope_factor=8.0,
+                      rope_original_max_len=64)
+  m = dataclasses.asdict(config_lib.from_configdict(c).model)
+  hf = families.hf_config(m, seq_len=128, dtype="float32")
+  assert hf["architectures"] == [families.FAMILIES[name].architecture]
+  back = families.model_fields(hf)
+  assert back["family"] == name
+  assert {k: m[k] if k != "head_dim" else m["head_dim"] or m["d_model"] // m["n_heads"]
+          for k in back} == back
+  # a spec from before model.family (no key) is the family its switches match
+  assert families.family_of({k: v for k, v in m.items() if k != "family"}).name == name
+
+
+def test_a_family_contradicted_by_its_switches_is_one_line():
+  from jmid import config as config_lib
+  with pytest.raises(ConfigError, match=r"model.family='qwen3': model.qk_norm=False, but "
+                                        r"Qwen3ForCausalLM has q/k norm"):
+    config_lib.from_configdict(tiny_configdict(family="qwen3"))
+  with pytest.raises(ConfigError, match=r"model.family='gemma9': unknown; choose one of llama"):
+    config_lib.from_configdict(tiny_configdict(family="gemma9"))
+  m = dataclasses.asdict(config_lib.from_configdict(tiny_configdict(family="llama")).model)
+  with pytest.raises(UserError, match="model.sliding_window=8, but LlamaForCausalLM has no"):
+    families.hf_config({**m, "sliding_window": 8}, 128, "float32")
