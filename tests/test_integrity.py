@@ -20,6 +20,7 @@ import tensorstore as ts
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jmid import checkpoint as ckpt_lib
+from jmid.checkpoint import commands as ckpt_commands
 from jmid import config as config_lib
 from jmid import build, export, handoff, integrity, sharding, train
 from jmid.checkpoint import DamagedCheckpoint
@@ -161,7 +162,7 @@ def test_zeroed_4k_in_the_largest_file_is_caught_and_resume_falls_back(
   _zero(victim, min(offset, victim.stat().st_size - 4096))
   before = _digest(step_dir)
 
-  assert ckpt_lib.main(["verify", str(step_dir)]) == 2
+  assert ckpt_commands.main(["verify", str(step_dir)]) == 2
   out, err = capsys.readouterr()
   assert f"{step_dir}: DAMAGED: arrays " in out
   assert str(step_dir) in _one_line(err)
@@ -188,12 +189,12 @@ def test_a_value_orbax_reads_back_silently_wrong_is_caught(tmp_path, source, kit
   good = ocp.PyTreeCheckpointer().restore(str(source / "checkpoints" / str(STEPS) / "state"))
   assert not np.array_equal(raw["params"]["embed"], good["params"]["embed"])  # ...yet wrong
 
-  assert ckpt_lib.main(["verify", str(w)]) == 2
+  assert ckpt_commands.main(["verify", str(w)]) == 2
   out, err = capsys.readouterr()
   assert f"{w / 'checkpoints' / '3'}: ok, " in out
   assert f"{step_dir}: DAMAGED: arrays params.embed (changed)" in out
   _one_line(err)
-  assert ckpt_lib.main(["info", str(w)]) == 2
+  assert ckpt_commands.main(["info", str(w)]) == 2
   assert "params.embed" in _one_line(capsys.readouterr().err)
 
   _, _, step, notes, _ = kit.resume(w)
@@ -231,7 +232,7 @@ def test_export_average_and_init_from_a_damaged_checkpoint_are_one_line(tmp_path
   assert export.main([f"--workdir={w}", f"--out={tmp_path / 'hf'}"]) == 2
   assert "is damaged: params.embed differ" in _one_line(capsys.readouterr().err)
   assert not os.path.exists(tmp_path / "hf")
-  assert ckpt_lib.main(["average", f"--out={tmp_path / 'soup'}", str(w / "checkpoints" / "3"),
+  assert ckpt_commands.main(["average", f"--out={tmp_path / 'soup'}", str(w / "checkpoints" / "3"),
                         str(w / "checkpoints" / str(STEPS))]) == 2
   _one_line(capsys.readouterr().err)
   source = handoff.find(str(w))  # init.from_path: what train.py does before its first step
@@ -244,7 +245,7 @@ def test_export_average_and_init_from_a_damaged_checkpoint_are_one_line(tmp_path
 def test_verify_an_intact_run_and_one_saved_without_fingerprints(tmp_path, source, kit,
                                                                   capsys):
   n = len(ckpt_lib.saved_shapes(str(source / "checkpoints" / str(STEPS))))
-  assert ckpt_lib.main(["verify", str(source)]) == 0
+  assert ckpt_commands.main(["verify", str(source)]) == 0
   out = capsys.readouterr().out.splitlines()
   assert len(out) == 2 and all(f": ok, {n} arrays verified" in line for line in out), out
   w = tmp_path / "w"
@@ -253,7 +254,7 @@ def test_verify_an_intact_run_and_one_saved_without_fingerprints(tmp_path, sourc
   meta = json.loads(meta_file.read_text())
   del meta["fingerprints"]  # as an older jmid wrote it
   meta_file.write_text(json.dumps(meta))
-  assert ckpt_lib.main(["verify", str(w / "checkpoints" / str(STEPS))]) == 0
+  assert ckpt_commands.main(["verify", str(w / "checkpoints" / str(STEPS))]) == 0
   assert f"no fingerprints (written before jmid recorded them), {n} arrays readable" in \
       capsys.readouterr().out
   _, _, step, notes, _ = kit.resume(w)

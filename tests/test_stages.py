@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jmid import checkpoint as ckpt_lib
+from jmid.checkpoint import commands as ckpt_commands
 from jmid import config as config_lib
 from jmid import model as model_lib
 from jmid import build, sharding, train
@@ -176,7 +177,7 @@ def test_restore_onto_another_mesh_carries_the_new_shardings(tmp_path, cache_dir
 def test_average_is_the_elementwise_mean_and_starts_a_run(tmp_path, cache_dir, source):
   out = tmp_path / "soup"
   a, b = source / "checkpoints" / "3", source / "checkpoints" / str(SOURCE_STEPS)
-  assert ckpt_lib.main(["average", f"--out={out}", str(a), str(b)]) == 0
+  assert ckpt_commands.main(["average", f"--out={out}", str(a), str(b)]) == 0
   avg, pa, pb = (_flat(_raw(d)["params"]) for d in (out, a, b))
   assert avg.keys() == pa.keys()
   for k in avg:
@@ -185,19 +186,19 @@ def test_average_is_the_elementwise_mean_and_starts_a_run(tmp_path, cache_dir, s
   train.train(c)
   dst = _flat(_raw(tmp_path / "dst" / "checkpoints" / "0")["params"])
   assert all(np.array_equal(dst[k], avg[k]) for k in avg)
-  assert ckpt_lib.main(["average", f"--out={out}", str(a), str(b)]) == 2  # never overwrites
+  assert ckpt_commands.main(["average", f"--out={out}", str(a), str(b)]) == 2  # never overwrites
 
 
 def test_info_prints_spec_and_lineage_back_to_the_first_stage(tmp_path, cache_dir, source,
                                                               capsys):
   train.train(_start(tmp_path, cache_dir, source, name="mid", steps=1))
   train.train(_start(tmp_path, cache_dir, tmp_path / "mid", name="post", steps=1))
-  assert ckpt_lib.main(["info", str(tmp_path / "post")]) == 0
+  assert ckpt_commands.main(["info", str(tmp_path / "post")]) == 0
   text = capsys.readouterr().out
   assert "d_model=32" in text and "n_layers=2" in text
   assert f"of {tmp_path / 'mid' / 'checkpoints' / '1'}" in text
   assert f"of {source / 'checkpoints' / str(SOURCE_STEPS)} (run stage-one" in text
-  assert ckpt_lib.main(["info", str(tmp_path)]) == 2
+  assert ckpt_commands.main(["info", str(tmp_path)]) == 2
 
 
 def _tree_digest(root):

@@ -13,7 +13,8 @@ is a `DamagedCheckpoint` (one line), never a silently wrong state; `restore_late
 then resumes from the newest intact step and leaves the damaged one where it is.
 
 `python -m jmid.checkpoint info PATH` prints what a checkpoint holds, `verify PATH` checks every
-array, `average --out=DIR CKPT...` averages params (jmid/averaging.py).
+array, `average --out=DIR CKPT...` averages params (the CLI: __main__.py, which alone imports
+ckpt_info and averaging, so neither is imported back by this module).
 """
 
 from __future__ import annotations
@@ -383,26 +384,3 @@ def save_params(out_dir: str, params: Any, meta: dict[str, Any]) -> None:
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       tree, shardings)
-
-
-def main(argv: list[str] | None = None) -> int:
-  return cli.run(_main, argv)
-
-
-def _main(argv: list[str]) -> int:
-  from jmid import averaging, ckpt_info
-  usage = ("usage: python -m jmid.checkpoint info PATH | python -m jmid.checkpoint verify PATH "
-           "| python -m jmid.checkpoint average --out=DIR [--key=params|ema] CKPT CKPT ...")
-  if argv[:1] == ["info"] and len(argv) == 2:
-    print(ckpt_info.describe(resolve_step_dir(argv[1], "PATH")))
-    return 0
-  if argv[:1] == ["verify"] and len(argv) == 2:
-    return ckpt_info.verify_all(argv[1])
-  if argv[:1] == ["average"]:
-    averaging.main(argv[1:])
-    return 0
-  raise UserError(usage)
-
-
-if __name__ == "__main__":
-  sys.exit(main())
