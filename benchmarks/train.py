@@ -41,22 +41,18 @@ On a GPU the peer runs first: jax's backend takes 90% of the GPU's memory when i
 and then jax starts. The sweep runs every entry as a child process of this script (a crash or
 an out-of-memory ends one entry, recorded as an error string, never the sweep) and writes the
 JSON after each entry, so an interrupted sweep keeps what it measured.
+
+The peer lives in benchmarks/train_peer.py, the sweep in benchmarks/train_sweep.py, and what
+they share with this file (the timing loop, the result's summary) in benchmarks/train_common.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
-import json
 import os
-import subprocess
 import sys
-import tempfile
-import time
-import types
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -65,13 +61,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import write_result  # noqa: E402
+from benchmarks.train_common import Result, ratio, summary, throughput, timed  # noqa: E402
+from benchmarks.train_peer import (PEER_MASKS, PEER_NOTES, peer_problem,  # noqa: E402
+                                   release_torch_memory, run_peer, torch_device)
+from benchmarks.train_sweep import sweep  # noqa: E402
 from jmid import config as config_lib  # noqa: E402
-from jmid import build, cli, configfile, export, metrics, runtime, sharding  # noqa: E402
-
-Result = dict[str, Any]
-PEER_MASKS = ("causal", "documents")
-_CAUSAL_SDPA = "sdpa_causal"  # transformers' SDPA forward under a name no mask builder knows
-
+from jmid import build, cli, configfile, metrics, runtime, sharding  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # The config and the batch
@@ -113,47 +108,6 @@ def _segment_row(rng: np.random.Generator, seq_len: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Timing, shared by both systems
-
-
-def timed(step: Callable[[], Any], steps: int, wait: Callable[[Any], None]) -> Result:
-  """First step (compile included) on its own, then `steps` steps waited for once at the end.
-  `step` returns the step's loss (on the device); `wait` blocks until it and the state exist."""
-  t0 = time.perf_counter()
-  first = step()
-  wait(first)
-  compile_seconds = time.perf_counter() - t0
-  last = first
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    last = step()
-  wait(last)
-  return {"step_seconds": (time.perf_counter() - t0) / max(steps, 1),
-          "compile_seconds": compile_seconds,
-          "loss_first": float(first), "loss_last": float(last)}
-
-
-def throughput(timing: Result, tokens_per_step: int, flops_per_token: float,
-               peak: float | None, devices: int) -> Result:
-  tokens_per_sec = tokens_per_step / timing["step_seconds"]
-  mfu = flops_per_token * tokens_per_sec / (peak * devices) if peak else None
-  return {"tokens_per_sec": tokens_per_sec, **timing, "mfu": mfu}
-
-
-def error_string(e: BaseException) -> str:
-  """One line for the JSON: the exception's type and its first non-empty line."""
-  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-  return f"{type(e).__name__}: {lines[0] if lines else ''}"[:500]
-
-
-def ratio(jmid: Result | None, peer: Result | None) -> float | None:
-  """jmid's tokens/s per device over the peer's (one device)."""
-  if not jmid or not peer or "error" in jmid or "error" in peer:
-    return None
-  return jmid["tokens_per_sec"] / jmid["devices"] / peer["tokens_per_sec"]
-
-
-# ---------------------------------------------------------------------------------------------
 # jmid
 
 
@@ -188,109 +142,13 @@ def jax_peak_memory() -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The peer: PyTorch + transformers
+# One benchmark: both systems on one config
 
 
-def torch_device() -> str:
-  import torch
-  return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def peer_model(c: config_lib.Config, device: str, mask: str) -> Any:
-  """The Hugging Face model jmid exports this config to, randomly initialised, float32."""
-  import torch
-  import transformers
-  from transformers.integrations.sdpa_attention import sdpa_attention_forward
-  transformers.logging.set_verbosity_error()
-  transformers.AttentionInterface.register(_CAUSAL_SDPA, sdpa_attention_forward)
-  meta = {"model": dataclasses.asdict(c.model), "config": config_lib.to_json_dict(c)}
-  hf = transformers.AutoConfig.for_model(**export.hf_config(meta, "float32"))
-  hf.use_cache = False
-  model = transformers.AutoModelForCausalLM.from_config(
-      hf, attn_implementation=_CAUSAL_SDPA if mask == "causal" else "sdpa",
-      dtype=torch.float32)
-  if c.model.remat == "full":
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-  return model.to(device).train()
-
-
-def peer_optimizer(model: Any, o: config_lib.OptimConfig, cuda: bool) -> Any:
-  """AdamW with jmid's hyperparameters; no decay on norms and biases, nor on the embeddings
-  and LM head unless optim.decay_embeddings (as jmid.optim decides)."""
-  import torch
-  decay, rest = [], []
-  for name, p in model.named_parameters():
-    embedding = "embed_tokens" in name or "lm_head" in name
-    (decay if p.ndim >= 2 and (o.decay_embeddings or not embedding) else rest).append(p)
-  groups = [{"params": decay, "weight_decay": o.weight_decay},
-            {"params": rest, "weight_decay": 0.0}]
-  return torch.optim.AdamW(groups, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps,
-                           **({"fused": True} if cuda else {}))
-
-
-def weighted_loss(model: Any, inputs: Any, positions: Any, targets: Any, weights: Any) -> Any:
-  """Mean per-token cross-entropy weighted by the loss mask, as jmid's loss."""
-  import torch.nn.functional as F
-  logits = model(input_ids=inputs, position_ids=positions, use_cache=False).logits
-  ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-  return (ce * weights.flatten()).sum() / weights.sum().clamp(min=1.0)
-
-
-def run_peer(c: config_lib.Config, batch: dict[str, np.ndarray], steps: int, compile_: bool,
-             mask: str) -> Result:
-  """The same model and batch rows trained by PyTorch on one device."""
-  import contextlib
-
-  import torch
-  device = torch_device()
-  cuda = device == "cuda"
-  if cuda:
-    torch.cuda.reset_peak_memory_stats()
-  model = peer_model(c, device, mask)
-  opt = peer_optimizer(model, c.optim, cuda)
-  params = [p for p in model.parameters() if p.requires_grad]
-  t = {k: torch.from_numpy(batch[k]).to(device) for k in ("inputs", "targets", "positions")}
-  t = {k: v.long() for k, v in t.items()}
-  weights = torch.from_numpy(batch["loss_mask"]).to(device).float()
-  bf16 = cuda and c.model.compute_dtype == "bfloat16"
-  autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else (
-      contextlib.nullcontext)
-  loss_fn = torch.compile(weighted_loss) if compile_ else weighted_loss
-
-  def step() -> Any:
-    with autocast():
-      loss = loss_fn(model, t["inputs"], t["positions"], t["targets"], weights)
-    loss.backward()
-    if c.optim.clip_norm > 0:
-      torch.nn.utils.clip_grad_norm_(params, c.optim.clip_norm)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.detach()
-
-  timing = timed(step, steps, lambda _: torch.cuda.synchronize() if cuda else None)
-  name = torch.cuda.get_device_name() if cuda else "cpu"
-  rows, seq_len = batch["inputs"].shape
-  out = throughput(timing, rows * seq_len, metrics.flops_per_token(c.model, seq_len),
-                   metrics.peak_flops(types.SimpleNamespace(device_kind=name)), 1)
-  return {**out, "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-          "devices": 1, "device": name, "rows": rows,
-          "attention": "sdpa, causal" if mask == "causal" else "sdpa, documents",
-          "dtype": "bfloat16 autocast" if bf16 else "float32", "compiled": compile_,
-          "gradient_checkpointing": c.model.remat == "full",
-          "torch": torch.__version__, "transformers": _transformers_version()}
-
-
-def _transformers_version() -> str:
-  import transformers
-  return transformers.__version__
-
-
-def release_torch_memory() -> None:
-  """What the peer allocated goes back to the GPU, for jax to start with."""
-  gc.collect()
-  import torch
-  if torch.cuda.is_available():
-    torch.cuda.empty_cache()
+def error_string(e: BaseException) -> str:
+  """One line for the JSON: the exception's type and its first non-empty line."""
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  return f"{type(e).__name__}: {lines[0] if lines else ''}"[:500]
 
 
 def guarded(fn: Callable[[], Result]) -> Result:
@@ -301,10 +159,6 @@ def guarded(fn: Callable[[], Result]) -> Result:
     return {"error": error_string(e)}
 
 
-# ---------------------------------------------------------------------------------------------
-# One benchmark: both systems on one config
-
-
 def jax_device_count(peer: bool) -> int:
   """jax's device count, without starting jax's GPU backend before the peer has run (torch
   sees the same CUDA devices jax would)."""
@@ -312,17 +166,6 @@ def jax_device_count(peer: bool) -> int:
     import torch
     return torch.cuda.device_count()
   return jax.device_count()
-
-
-def peer_problem() -> str | None:
-  """Why the peer should not run: jax on an accelerator, torch on the CPU (a CPU build)."""
-  if torch_device() == "cuda":
-    return None
-  platform = jax.devices()[0].platform
-  if platform == "cpu":
-    return None
-  return (f"torch sees no CUDA device (a CPU build of torch?) while jax runs on {platform}; "
-          "the peer would train on the CPU")
 
 
 def benchmark(args: argparse.Namespace, overrides: list[str]) -> Result:
@@ -348,164 +191,6 @@ def benchmark(args: argparse.Namespace, overrides: list[str]) -> Result:
           "global_batch": c.train.global_batch, "seq_len": c.data.seq_len,
           "tokens_per_step": c.train.global_batch * c.data.seq_len,
           "jmid": jmid, "peer": peer, "ratio": ratio(jmid, peer), "notes": notes}
-
-
-PEER_NOTES = {
-    "causal": "the peer's SDPA uses a plain causal mask, so the documents of a row are not "
-              "isolated from each other (jmid isolates them); this favours the peer slightly",
-    "documents": "the peer's SDPA gets the block-diagonal causal mask transformers builds from "
-                 "the restarting position_ids (documents isolated as in jmid), materialised",
-}
-
-
-def summary(result: Result) -> Iterator[str]:
-  for name in ("jmid", "peer"):
-    r = result.get(name)
-    if r is not None:
-      yield f"{name:5s}: {_system_line(r)}"
-  if result.get("ratio") is not None:
-    yield f"ratio: {result['ratio']:.3f} (jmid tokens/s per device / peer tokens/s)"
-
-
-def _system_line(r: Result) -> str:
-  if "error" in r:
-    return f"FAILED {r['error']}"
-  mfu = f"mfu {100 * r['mfu']:.1f}%" if r["mfu"] is not None else "mfu -"
-  mem = (f"peak {r['peak_memory_bytes'] / 2**30:.2f} GiB" if r["peak_memory_bytes"] is not None
-         else "peak -")
-  return (f"{r['tokens_per_sec']:12,.0f} tok/s  {r['step_seconds'] * 1e3:9.1f} ms/step  "
-          f"compile {r['compile_seconds']:6.1f} s  {mfu}  {mem}  "
-          f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}")
-
-
-# ---------------------------------------------------------------------------------------------
-# The sweep: sizes x sequence lengths, then attention kernels and remat policies at one point
-
-
-SIZES: dict[str, dict[str, Any]] = {  # Llama-shaped: ~125M (GPT-2 small), Llama 3.2 1B and 3B
-    "125m": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2048,
-                 vocab_size=32000, tie_embeddings=False),
-    "1b": dict(d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
-               vocab_size=128256, tie_embeddings=True),
-    "3b": dict(d_model=3072, n_layers=28, n_heads=24, n_kv_heads=8, d_ff=8192,
-               vocab_size=128256, tie_embeddings=True),
-}
-SEQ_LENS = (2048, 4096, 8192, 16384)
-TOKENS_PER_DEVICE = 16384  # rows per device = this // seq_len
-VARIANTS_AT = ("1b", 8192)
-ATTENTIONS = ("xla", "cudnn", "pallas")
-REMATS = ("full", "dots", "save:qkv,attn")
-TINY = dict(d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=256, tie_embeddings=False)
-TINY_LAYERS = {"125m": 1, "1b": 2, "3b": 3}
-TINY_DIVISOR = 64  # tiny: every sequence length and the tokens per device over this
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-  size: str
-  seq_len: int
-  attention: str = "auto"
-  remat: str = "none"
-
-  @property
-  def name(self) -> str:
-    name = f"{self.size}-{self.seq_len // 1024}k"
-    name += "" if self.attention == "auto" else f"-attn={self.attention}"
-    return name + ("" if self.remat == "none" else f"-remat={self.remat}")
-
-  @property
-  def peer_key(self) -> tuple[str, int, bool]:
-    """What the peer depends on: the same key, the same peer run."""
-    return self.size, self.seq_len, self.remat == "full"
-
-
-def sweep_entries() -> list[Entry]:
-  grid = [Entry(size, seq) for size in SIZES for seq in SEQ_LENS]
-  size, seq = VARIANTS_AT
-  return (grid + [Entry(size, seq, attention=a) for a in ATTENTIONS]
-          + [Entry(size, seq, remat=r) for r in REMATS])
-
-
-def entry_args(e: Entry, scale: str) -> list[str]:
-  """The command-line arguments of one entry, on configs/base.py."""
-  if scale == "tiny":
-    model = {**TINY, "n_layers": TINY_LAYERS[e.size]}
-    seq_len, tokens, dtype = e.seq_len // TINY_DIVISOR, TOKENS_PER_DEVICE // TINY_DIVISOR, "float32"
-  else:
-    model, seq_len, tokens, dtype = SIZES[e.size], e.seq_len, TOKENS_PER_DEVICE, "bfloat16"
-  sets = {f"model.{k}": v for k, v in model.items()}
-  sets.update({"model.attention": e.attention, "model.remat": e.remat,
-               "model.compute_dtype": dtype, "data.seq_len": seq_len, "data.demo": True})
-  return ([f"--config.{k}={v}" for k, v in sets.items()]
-          + [f"--rows-per-device={max(tokens // seq_len, 1)}"])
-
-
-def run_entry(e: Entry, args: argparse.Namespace, peer: bool, tmp: str) -> Result:
-  """One entry in a child process; its JSON, or what it said when it wrote none."""
-  out = os.path.join(tmp, f"{len(os.listdir(tmp))}.json")
-  cmd = [sys.executable, os.path.abspath(__file__), f"--config={args.config}",
-         *entry_args(e, args.sweep_scale), f"--steps={args.steps}", f"--out={out}",
-         f"--peer-mask={args.peer_mask}"]
-  cmd += ["--peer"] if peer else []
-  cmd += ["--peer-compile"] if peer and args.peer_compile else []
-  base: Result = {"name": e.name, "size": e.size, "attention": e.attention, "remat": e.remat}
-  try:
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                          timeout=args.run_timeout)
-  except subprocess.TimeoutExpired:
-    return {**base, "error": f"timed out after {args.run_timeout} s"}
-  if os.path.exists(out):
-    with open(out) as f:
-      return {**base, **json.load(f)}
-  lines = [line for line in proc.stderr.splitlines() if line.strip()] or ["(no output)"]
-  return {**base, "error": f"exit code {proc.returncode}: {lines[-1].strip()}"[:500]}
-
-
-def share_peers(runs: list[Result], entries: list[Entry]) -> None:
-  """Entries that ran no peer take the peer of the entry with the same peer key."""
-  measured = {e.peer_key: r for e, r in zip(entries, runs) if r.get("peer")}
-  for e, r in zip(entries, runs):
-    source = measured.get(e.peer_key)
-    if "jmid" in r and not r.get("peer") and source is not None:
-      r["peer_from"] = source["name"]
-      r["ratio"] = ratio(r["jmid"], source["peer"])
-
-
-def sweep(args: argparse.Namespace) -> Result:
-  entries = sweep_entries()
-  runs: list[Result] = []
-  peered: set[tuple[str, int, bool]] = set()
-  result = {"benchmark": "train_sweep", "config": args.config, "scale": args.sweep_scale,
-            "steps": args.steps, "peer": args.peer, "runs": runs}
-  with tempfile.TemporaryDirectory() as tmp:
-    for e in entries:
-      peer = args.peer and e.peer_key not in peered
-      t0 = time.perf_counter()
-      runs.append(run_entry(e, args, peer, tmp))
-      if runs[-1].get("peer"):  # measured, or failed in a way the same peer would fail again
-        peered.add(e.peer_key)
-      share_peers(runs, entries[:len(runs)])
-      print(f"[{len(runs)}/{len(entries)}] {e.name} ({time.perf_counter() - t0:.0f} s)",
-            flush=True)
-      for line in _entry_lines(runs[-1]):
-        print(f"    {line}", flush=True)
-      _write_partial(args.out, result)  # no jax here: its GPU backend would take the memory
-  return result
-
-
-def _entry_lines(r: Result) -> Iterator[str]:
-  if "error" in r:
-    yield f"FAILED {r['error']}"
-  else:
-    yield from summary(r)
-    if r.get("peer_from"):
-      yield f"(peer from {r['peer_from']})"
-
-
-def _write_partial(path: str, result: Result) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(result, f, indent=2)
 
 
 # ---------------------------------------------------------------------------------------------
