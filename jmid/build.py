@@ -59,7 +59,7 @@ def setup(c: config_lib.Config, mesh: jax.sharding.Mesh) -> Setup:
   c = resolved(c, mesh)
   graphdef, abstract_params, names = model_lib.abstract_model(c.model)
   param_sh = sharding.tree_shardings(mesh, names, abstract_params)
-  tx = optim.make_optimizer(c.optim, c.train.steps)
+  tx = optim.make_optimizer(c.optim, c.train.steps, model_lib.decay_kinds(c.model))
   lr_fn = optim.schedule(c.optim, c.train.steps)
   ema = c.train.ema_decay > 0
   abstract_state = jax.eval_shape(lambda p: steps.init_state(p, tx, ema), abstract_params)

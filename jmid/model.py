@@ -36,16 +36,22 @@ def remat_policy(remat: str) -> object:
   return REMAT_POLICIES[remat]
 
 
+# What weight decay a parameter takes, marked where it is created (optim.decay_mask reads it):
+# matrices decay, embeddings only with optim.decay_embeddings, norm scales and biases never
+DECAY_KINDS = ("matrix", "embedding", "none")
+
+
 def _param(rngs: nnx.Rngs | None, shape: Sequence[int], names: Sequence[str | None],
-           std: float | None, dtype: jnp.dtype) -> nnx.Param:
-  """A parameter with logical axis names; std=None means ones (norm scales), 0.0 zeros."""
+           std: float | None, dtype: jnp.dtype, decay: str = "matrix") -> nnx.Param:
+  """A parameter with logical axis names and its decay kind; std=None means ones (norm
+  scales), 0.0 zeros."""
   if std is None:
     value = jnp.ones(shape, dtype)
   elif std == 0.0 or rngs is None:
     value = jnp.zeros(shape, dtype)
   else:
     value = std * jax.random.normal(rngs.params(), shape, dtype)
-  return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+  return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False, decay=decay)
 
 
 class RMSNorm(nnx.Module):
@@ -53,7 +59,7 @@ class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, eps: float, name: str | None, dtype: jnp.dtype):
     self.eps = eps
-    self.scale = _param(None, (dim,), (name,), None, dtype)
+    self.scale = _param(None, (dim,), (name,), None, dtype, decay="none")
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
@@ -75,9 +81,9 @@ class Block(nnx.Module):
     self.wv = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), std, pd)
     self.wo = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), out_std, pd)
     if cfg.qkv_bias:
-      self.bq = _param(None, (h, d), ("heads", "head_dim"), 0.0, pd)
-      self.bk = _param(None, (k, d), ("kv_heads", "head_dim"), 0.0, pd)
-      self.bv = _param(None, (k, d), ("kv_heads", "head_dim"), 0.0, pd)
+      self.bq = _param(None, (h, d), ("heads", "head_dim"), 0.0, pd, decay="none")
+      self.bk = _param(None, (k, d), ("kv_heads", "head_dim"), 0.0, pd, decay="none")
+      self.bv = _param(None, (k, d), ("kv_heads", "head_dim"), 0.0, pd, decay="none")
     if cfg.qk_norm:
       self.q_norm = RMSNorm(d, cfg.norm_eps, "head_dim", pd)
       self.k_norm = RMSNorm(d, cfg.norm_eps, "head_dim", pd)
@@ -132,7 +138,8 @@ class Decoder(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     pd = jnp.dtype(cfg.param_dtype)
-    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pd)
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pd,
+                        decay="embedding")
 
     @nnx.split_rngs(splits=cfg.n_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -143,7 +150,7 @@ class Decoder(nnx.Module):
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, "embed", pd)
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
-                            cfg.init_std, pd)
+                            cfg.init_std, pd, decay="embedding")
 
   def __call__(self, inputs_bt: jax.Array, positions_bt: jax.Array | None = None,
                segment_ids_bt: jax.Array | None = None,
@@ -193,6 +200,13 @@ def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, dict, dict]:
   names = jax.tree.map(lambda v: v.get_metadata()["out_sharding"], state,
                        is_leaf=lambda x: isinstance(x, nnx.Variable))
   return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(names)
+
+
+def decay_kinds(cfg: ModelConfig) -> dict:
+  """Each parameter's decay kind (DECAY_KINDS) as a pure dict matching the params; no memory."""
+  state = nnx.state(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
+  return nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata()["decay"], state,
+                                       is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def init_params(cfg: ModelConfig, seed: int) -> dict:

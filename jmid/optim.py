@@ -15,10 +15,6 @@ import optax
 
 from jmid.config import OptimConfig
 
-NO_DECAY_LEAVES = ("scale", "bq", "bk", "bv")  # norm scales and biases
-EMBEDDING_LEAVES = ("embed", "lm_head")
-
-
 def _decay(shape: str, init: float, end: float, steps: int) -> optax.Schedule:
   """init -> end over `steps` with the given shape (linear, 1-sqrt or cosine)."""
   steps = max(steps, 1)
@@ -55,24 +51,21 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([warmup, body], [warm])
 
 
-def decay_mask(params: Any, decay_embeddings: bool) -> Any:
-  """True where weight decay applies: matrices, not norms/biases, embeddings only if asked."""
-  def keep(path: tuple, _: Any) -> bool:
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name in NO_DECAY_LEAVES:
-      return False
-    top = str(getattr(path[0], "key", path[0]))
-    return decay_embeddings or top not in EMBEDDING_LEAVES
-  return jax.tree_util.tree_map_with_path(keep, params)
+def decay_mask(kinds: Any, decay_embeddings: bool) -> Any:
+  """True where weight decay applies, from each parameter's kind as the model marked it where
+  it made it (model.decay_kinds): matrices, embeddings only if asked, never norms or biases."""
+  return jax.tree.map(lambda k: k == "matrix" or (k == "embedding" and decay_embeddings), kinds)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-  """clip -> AdamW(schedule, masked decay). The lr is readable from the schedule by step."""
+def make_optimizer(cfg: OptimConfig, total_steps: int, kinds: Any
+                   ) -> optax.GradientTransformation:
+  """clip -> AdamW(schedule, decay masked by the params' kinds). The lr is readable from the
+  schedule by step."""
   parts = []
   if cfg.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.clip_norm))
   parts.append(optax.adamw(
       learning_rate=schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
       weight_decay=cfg.weight_decay,
-      mask=lambda p: decay_mask(p, cfg.decay_embeddings)))
+      mask=decay_mask(kinds, cfg.decay_embeddings)))
   return optax.chain(*parts)
