@@ -19,7 +19,7 @@ from jmid import attention as attention_lib
 from jmid import loss as loss_lib
 from jmid import sharding
 from jmid.config import ModelConfig
-from jmid.rope import apply_rope
+from jmid.rope import apply_rope, cos_sin
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -92,7 +92,7 @@ class Block(nnx.Module):
     self.w_up = _param(rngs, (e, f), ("embed", "mlp"), std, pd)
     self.w_down = _param(rngs, (f, e), ("mlp", "embed"), out_std, pd)
 
-  def __call__(self, x_bte: jax.Array, positions_bt: jax.Array,
+  def __call__(self, x_bte: jax.Array, rope_cs: tuple[jax.Array, jax.Array],
                segment_ids_bt: jax.Array, context_layout: str = "contiguous"
                ) -> jax.Array:
     cfg, cd = self.cfg, x_bte.dtype
@@ -105,9 +105,9 @@ class Block(nnx.Module):
                  v + self.bv[...].astype(cd))
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q = sharding.constrain(apply_rope(q, positions_bt, cfg),
+    q = sharding.constrain(apply_rope(q, rope_cs),
                            ("batch", "length", "heads", None))
-    k = sharding.constrain(apply_rope(k, positions_bt, cfg),
+    k = sharding.constrain(apply_rope(k, rope_cs),
                            ("batch", "length", "kv_heads", None))
     q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
     # 'auto' is chosen by build.setup for the mesh; a model built elsewhere (hf.load, passkey)
@@ -178,11 +178,14 @@ class Decoder(nnx.Module):
     table_ve = sharding.constrain(self.embed[...], ("vocab", None))
     x_bte = jnp.take(table_ve, inputs_bt, axis=0).astype(cd)
     x_bte = sharding.constrain(x_bte, ("batch", "length", None))
+    cos, sin = cos_sin(positions_bt, cfg)  # once, for every layer
+    rope_cs = (sharding.constrain(cos, ("batch", "length", None)),
+               sharding.constrain(sin, ("batch", "length", None)))
 
     graphdef, stacked = nnx.split(self.blocks)
 
     def body(x: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, None]:
-      return nnx.merge(graphdef, layer_state)(x, positions_bt, segment_ids_bt,
+      return nnx.merge(graphdef, layer_state)(x, rope_cs, segment_ids_bt,
                                               context_layout), None
 
     if cfg.remat != "none":

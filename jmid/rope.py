@@ -64,14 +64,20 @@ def scaled_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
   return out.astype(np.float32), float(attention)
 
 
-def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, cfg: ModelConfig) -> jax.Array:
-  """Rotates the first and second halves of each head as pairs (x1, x2) by position angles."""
-  d = x_bthd.shape[-1]
+def cos_sin(positions_bt: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """cos and sin [B, T, head_dim/2] (float32, scaled as yarn asks) of every token's angles:
+  computed once per forward pass and shared by every layer's q and k."""
   inv, scale = scaled_frequencies(cfg)
-  assert inv.shape[0] == d // 2, (inv.shape, d)
   angles_btf = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv)
-  cos = (jnp.cos(angles_btf) * scale)[:, :, None, :]
-  sin = (jnp.sin(angles_btf) * scale)[:, :, None, :]
+  return jnp.cos(angles_btf) * scale, jnp.sin(angles_btf) * scale
+
+
+def apply_rope(x_bthd: jax.Array, cs: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """Rotates the first and second halves of each head as pairs (x1, x2) by the angles whose
+  (cos, sin) `cs` holds (cos_sin)."""
+  d = x_bthd.shape[-1]
+  cos, sin = (a[:, :, None, :] for a in cs)
+  assert cos.shape[-1] == d // 2, (cos.shape, d)
   x = x_bthd.astype(jnp.float32)
   x1, x2 = x[..., : d // 2], x[..., d // 2:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
