@@ -7,7 +7,7 @@
                              [--out=benchmarks/results/train_sweep.json]
 
 Why: "tokens/s" means little without a reference. The peer is the model a user would otherwise
-train: the Hugging Face class jmid exports to (jmid.export.hf_config), with SDPA attention,
+train: the Hugging Face class jmid exports to (jmid.families.hf_config), with SDPA attention,
 fused AdamW with jmid's betas, eps, weight decay and gradient clipping, bf16 autocast when jmid
 computes in bf16 on a GPU (float32 otherwise), optionally torch.compile.
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from benchmarks.train_common import Result, throughput, timed
 from jmid import config as config_lib
-from jmid import export, metrics
+from jmid import families, metrics
 
 PEER_MASKS = ("causal", "documents")
 _CAUSAL_SDPA = "sdpa_causal"  # transformers' SDPA forward under a name no mask builder knows
@@ -39,8 +39,8 @@ def peer_model(c: config_lib.Config, device: str, mask: str) -> Any:
   from transformers.integrations.sdpa_attention import sdpa_attention_forward
   transformers.logging.set_verbosity_error()
   transformers.AttentionInterface.register(_CAUSAL_SDPA, sdpa_attention_forward)
-  meta = {"model": dataclasses.asdict(c.model), "config": config_lib.to_json_dict(c)}
-  hf = transformers.AutoConfig.for_model(**export.hf_config(meta, "float32"))
+  hf = transformers.AutoConfig.for_model(
+      **families.hf_config(dataclasses.asdict(c.model), c.data.seq_len, "float32"))
   hf.use_cache = False
   model = transformers.AutoModelForCausalLM.from_config(
       hf, attn_implementation=_CAUSAL_SDPA if mask == "causal" else "sdpa",

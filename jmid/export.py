@@ -16,9 +16,9 @@ import sys
 
 from jmid import cli
 from jmid.errors import UserError
-from jmid.hf_write import export, hf_config, write_hf
+from jmid.hf_write import export, write_hf
 
-__all__ = ["export", "hf_config", "write_hf", "main"]  # the writing itself is in hf_write.py
+__all__ = ["export", "write_hf", "main"]  # the writing itself is in hf_write.py
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -161,13 +161,14 @@ def model_fields(hf: dict[str, Any], path: str = "") -> dict[str, Any]:
   if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias"):
     raise UserError(f"{where}: {arch} with hidden_act={hf.get('hidden_act')} / mlp_bias "
                     "is not the SwiGLU jmid implements")
-  if arch in ("LlamaForCausalLM", "MistralForCausalLM") and hf.get("attention_bias"):
+  fam = BY_ARCHITECTURE[arch]
+  if hf.get("attention_bias") and not fam.qkv_bias:  # Qwen2's biases are fixed, not this key
     raise UserError(f"{where}: {arch} with attention_bias (an o_proj bias too) is not "
                     "supported")
-  if arch == "Qwen2ForCausalLM" and hf.get("use_sliding_window"):
-    raise UserError(f"{where}: Qwen2 with use_sliding_window (windowed layers above "
+  if hf.get("use_sliding_window") and not fam.window:
+    raise UserError(f"{where}: {arch} with use_sliding_window (windowed layers above "
                     "max_window_layers only) is not supported")
-  window = hf.get("sliding_window") if arch == "MistralForCausalLM" else None
+  window = hf.get("sliding_window") if fam.window else None
   heads = hf["num_attention_heads"]
   return {
       "vocab_size": hf["vocab_size"], "d_model": hf["hidden_size"],
@@ -176,9 +177,8 @@ def model_fields(hf: dict[str, Any], path: str = "") -> dict[str, Any]:
       "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
       "d_ff": hf["intermediate_size"], "norm_eps": float(hf.get("rms_norm_eps") or 1e-6),
       "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-      "qkv_bias": arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias")),
-      "qk_norm": arch == "Qwen3ForCausalLM", "sliding_window": int(window or 0),
-      "family": BY_ARCHITECTURE[arch].name,
+      "qkv_bias": fam.qkv_bias, "qk_norm": fam.qk_norm, "sliding_window": int(window or 0),
+      "family": fam.name,
       **_rope_fields(hf, where)}
 
 
@@ -230,8 +230,6 @@ def hf_config(m: dict[str, Any], seq_len: int, dtype: str) -> dict[str, Any]:
       "sliding_window": m.get("sliding_window") or None, "use_sliding_window": False,
       "torch_dtype": dtype, "dtype": dtype,
   }
-
-
 
 
 # tensor names and layouts

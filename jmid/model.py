@@ -8,6 +8,7 @@ to be built; sharding.py turns the names into shardings. Blocks are created stac
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -36,15 +37,11 @@ def remat_policy(remat: str) -> object:
   return REMAT_POLICIES[remat]
 
 
-# What weight decay a parameter takes, marked where it is created (optim.decay_mask reads it):
-# matrices decay, embeddings only with optim.decay_embeddings, norm scales and biases never
-DECAY_KINDS = ("matrix", "embedding", "none")
-
-
 def _param(rngs: nnx.Rngs | None, shape: Sequence[int], names: Sequence[str | None],
            std: float | None, dtype: jnp.dtype, decay: str = "matrix") -> nnx.Param:
-  """A parameter with logical axis names and its decay kind; std=None means ones (norm
-  scales), 0.0 zeros."""
+  """A parameter with logical axis names and its weight-decay kind (optim.decay_mask reads it:
+  "matrix" decays, "embedding" only with optim.decay_embeddings, "none" never: norm scales
+  and biases); std=None means ones (norm scales), 0.0 zeros."""
   if std is None:
     value = jnp.ones(shape, dtype)
   elif std == 0.0 or rngs is None:
@@ -196,20 +193,26 @@ class Decoder(nnx.Module):
     return x_bte, self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
 
 
+@functools.lru_cache(maxsize=8)
+def _abstract(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  """The model traced once per config (shapes only), for every reader below."""
+  return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
+
+
+def _metadata(cfg: ModelConfig, key: str) -> dict:
+  return nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata()[key], _abstract(cfg)[1],
+                                       is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, dict, dict]:
   """(graphdef, abstract params as a pure dict, logical names as a matching dict); no memory."""
-  model = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0)))
-  graphdef, state = nnx.split(model)
-  names = jax.tree.map(lambda v: v.get_metadata()["out_sharding"], state,
-                       is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(names)
+  graphdef, state = _abstract(cfg)
+  return graphdef, nnx.to_pure_dict(state), _metadata(cfg, "out_sharding")
 
 
 def decay_kinds(cfg: ModelConfig) -> dict:
-  """Each parameter's decay kind (DECAY_KINDS) as a pure dict matching the params; no memory."""
-  state = nnx.state(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
-  return nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata()["decay"], state,
-                                       is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  """Each parameter's weight-decay kind (see _param) as a pure dict matching the params."""
+  return _metadata(cfg, "decay")
 
 
 def init_params(cfg: ModelConfig, seed: int) -> dict:

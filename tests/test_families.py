@@ -40,3 +40,16 @@ def test_a_family_contradicted_by_its_switches_is_one_line():
   m = dataclasses.asdict(config_lib.from_configdict(tiny_configdict(family="llama")).model)
   with pytest.raises(UserError, match="model.sliding_window=8, but LlamaForCausalLM has no"):
     families.hf_config({**m, "sliding_window": 8}, 128, "float32")
+
+
+@pytest.mark.parametrize("arch,key", [("Qwen3ForCausalLM", "attention_bias"),
+                                      ("LlamaForCausalLM", "attention_bias"),
+                                      ("Qwen3ForCausalLM", "use_sliding_window")])
+def test_a_config_json_option_the_family_lacks_is_one_line(arch, key):
+  """Qwen3's attention_bias puts a bias on o_proj too, which jmid's model lacks: refused by
+  name, not read as q/k/v biases with o_proj's silently left out."""
+  hf = {"architectures": [arch], "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 64, key: True}
+  with pytest.raises(UserError, match=f"config.json: {arch} with {key} .*not supported"):
+    families.model_fields(hf)
+  assert families.model_fields({**hf, key: False})["family"] == families.BY_ARCHITECTURE[arch].name

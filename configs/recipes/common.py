@@ -4,7 +4,9 @@ warmed up briefly and annealed linearly to 0, laid out for one of three GPU targ
 
 Each recipe file (llama3_2_1b.py, ...) names its model's published config.json, its batch and
 learning rate, and per target the gradient accumulation and remat that `jmid.plan` showed fit,
-with the plan's memory in its docstring. Its argument is `TARGET[,MODEL_DIR]`:
+with the plan's memory per GPU in its docstring: `python -m jmid.plan --config=...:TARGET
+--topology=h100:N` with jax 0.10.2 and its CUDA plugin (XLA's compile-only H100s), against the
+0.90 share of 80 GB jax takes (71.2 GiB); tests/test_plan.py re-checks two of the figures. Its argument is `TARGET[,MODEL_DIR]`:
 
     python -m jmid.plan  --config=configs/recipes/llama3_2_1b.py:h100 --topology=h100:1
     python -m jmid.train --config=configs/recipes/llama3_2_1b.py:h100,/models/Llama-3.2-1B

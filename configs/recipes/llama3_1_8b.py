@@ -2,9 +2,7 @@
 
     python -m jmid.train --config=configs/recipes/llama3_1_8b.py:node,/models/Llama-3.1-8B
 
-Targets, and what `python -m jmid.plan --config=... --topology=h100:N` said (jax 0.10.2 with
-its CUDA plugin, XLA's compile-only H100s; memory per GPU against the 0.90 share of 80 GB jax
-takes, 71.2 GiB):
+Targets, with the memory per GPU `jmid.plan` gave (how: common.py):
 - h100: refused, one line (see ONE_GPU below)
 - node: 8 x H100 (data=1 fsdp=8), 64 microbatches of 1 row per GPU, remat dots:
   45.2 GiB per GPU (params 3.74 GiB + AdamW 7.48 GiB + activations and temporaries)

@@ -3,9 +3,7 @@
 
     python -m jmid.train --config=configs/recipes/qwen3_1_7b.py:h100,/models/Qwen3-1.7B-Base
 
-Targets, and what `python -m jmid.plan --config=... --topology=h100:N` said (jax 0.10.2 with
-its CUDA plugin, XLA's compile-only H100s; memory per GPU against the 0.90 share of 80 GB jax
-takes, 71.2 GiB):
+Targets, with the memory per GPU `jmid.plan` gave (how: common.py):
 - h100: 1 x H100 (data=1 fsdp=1), 64 microbatches of 2 rows per GPU, remat dots:
   52.1 GiB per GPU (params 6.41 GiB + AdamW 12.82 GiB + activations and temporaries)
 - node: 8 x H100 (data=1 fsdp=8), 4 microbatches of 4 rows per GPU, remat dots:

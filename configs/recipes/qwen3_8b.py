@@ -2,9 +2,7 @@
 
     python -m jmid.train --config=configs/recipes/qwen3_8b.py:node,/models/Qwen3-8B-Base
 
-Targets, and what `python -m jmid.plan --config=... --topology=h100:N` said (jax 0.10.2 with
-its CUDA plugin, XLA's compile-only H100s; memory per GPU against the 0.90 share of 80 GB jax
-takes, 71.2 GiB):
+Targets, with the memory per GPU `jmid.plan` gave (how: common.py):
 - h100: refused, one line (see ONE_GPU below)
 - node: 8 x H100 (data=1 fsdp=8), 64 microbatches of 1 row per GPU, remat dots:
   44.6 GiB per GPU (params 3.81 GiB + AdamW 7.63 GiB + activations and temporaries)
