@@ -46,6 +46,19 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.model.qkv_bias = False  # bias on q/k/v projections (Qwen2)
   c.model.qk_norm = False  # per-head RMSNorm on q and k (Qwen3)
   c.model.sliding_window = 0  # attend to at most this many tokens back (Mistral); 0 = all
+  # Per-layer attention: a group of kinds repeated over the layers, G global, L local (the
+  # window above), N global without RoPE; "" = every layer L with a window, else G. Gemma 3:
+  # "LLLLLG", OLMo 3: "LLLG", SmolLM3: "GGGN". Families set these from config.json (hf.set_model).
+  c.model.layer_pattern = ""
+  c.model.rope_local_theta = 0.0  # RoPE base of L layers (unscaled); 0 = the global RoPE
+  c.model.norm_style = "llama"  # llama (x * w) | gemma (x * (1 + w), float32) | olmo (float32)
+  c.model.norm_placement = "pre"  # pre (Llama) | pre_post (Gemma) | post (OLMo 2/3)
+  c.model.qk_norm_scope = "head"  # q/k norm per head | over the whole projection (OLMo 2/3)
+  c.model.mlp_activation = "silu"  # silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
+  c.model.embed_scale = False  # embeddings times sqrt(d_model) (Gemma)
+  c.model.query_scale = 0.0  # attention logits scaled by query_scale ** -0.5; 0 = head width
+  c.model.attn_softcap = 0.0  # attention logits -> c tanh(logits / c) (Gemma 2); 0 = none
+  c.model.final_softcap = 0.0  # LM-head logits capped the same way (Gemma 2); 0 = none
   # auto (cudnn on Hopper GPUs, our pallas kernel on TPU and older GPUs, xla on CPU: the first
   # of config.AUTO_ATTENTION the model can use) | xla | cudnn | pallas (ours: Triton on GPU,
   # Mosaic on TPU, interpreted on CPU)

@@ -51,12 +51,14 @@ def segment_mask(segment_ids_bt: jax.Array, causal: bool = True, window: int = 0
 
 
 def _xla(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, mask_b1ts: jax.Array,
-         scale: float) -> jax.Array:
+         scale: float, softcap: float = 0.0) -> jax.Array:
   b, t, hq, d = q_bthd.shape
   hkv = k_bshd.shape[2]
   q_btkgd = q_bthd.reshape(b, t, hkv, hq // hkv, d)  # GQA without repeating K/V
   logits_bkgts = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bshd,
                             preferred_element_type=jnp.float32) * scale
+  if softcap:
+    logits_bkgts = softcap * jnp.tanh(logits_bkgts / softcap)
   logits_bkgts = jnp.where(mask_b1ts[:, :, None], logits_bkgts, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits_bkgts, axis=-1).astype(v_bshd.dtype)
   o_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs, v_bshd)
@@ -79,12 +81,13 @@ def _per_device(call: Callable[..., jax.Array], q_bthd: jax.Array, k_bshd: jax.A
 
 
 def _pallas(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, segment_ids_bt: jax.Array,
-            causal: bool, window: int, scale: float) -> jax.Array:
+            causal: bool, window: int, scale: float, softcap: float) -> jax.Array:
   """Our kernel (Triton on GPU, Mosaic on TPU, interpreted on CPU), per device under a mesh:
   XLA cannot partition a Pallas call (it would gather every operand to every device)."""
   from pallas_kernels import flash_attention
   call = lambda q, k, v, s: flash_attention(q, k, v, segment_ids=s, causal=causal,  # noqa: E731
-                                            window=window or None, scale=scale)
+                                            window=window or None, scale=scale,
+                                            softcap=softcap or None)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return call(q_bthd, k_bshd, v_bshd, segment_ids_bt)
@@ -137,32 +140,37 @@ def _cudnn(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, segment_ids_
 
 
 def _ring(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, segment_ids_bt: jax.Array,
-          implementation: str, causal: bool, window: int, scale: float, layout: str,
-          mesh: jax.sharding.AbstractMesh) -> jax.Array:
+          implementation: str, causal: bool, window: int, scale: float, softcap: float,
+          layout: str, mesh: jax.sharding.AbstractMesh) -> jax.Array:
   """Ring attention (jmid.ring) over the `context` axis; the rows arrive in `layout`'s token
   order (steps.in_context_layout puts them so)."""
   (axis,) = sharding.RULES["length"]
   call = functools.partial(ring.ring_attention, axis=axis, n=dict(mesh.shape)[axis],
                            layout=layout, causal=causal, window=window, scale=scale,
-                           implementation=implementation)
+                           softcap=softcap, implementation=implementation)
   return _per_device(call, q_bthd, k_bshd, v_bshd, segment_ids_bt, mesh, "length")
 
 
 def attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
               segment_ids_bt: jax.Array, *, implementation: str = "xla",
               causal: bool = True, window: int = 0, layout: str = "contiguous",
-              max_docs: int = 32) -> jax.Array:
+              max_docs: int = 32, scale: float | None = None, softcap: float = 0.0
+              ) -> jax.Array:
   """Multi-head / grouped-query attention over packed rows; returns [B, T, Hq, D]. Under a
-  mesh whose `context` axis is above 1 it is ring attention, rows in `layout`'s order."""
-  scale = q_bthd.shape[-1] ** -0.5
+  mesh whose `context` axis is above 1 it is ring attention, rows in `layout`'s order.
+  scale: of the logits (None: head width ** -0.5); softcap c > 0: logits -> c tanh(logits / c)
+  after the scale (Gemma 2; cuDNN has no softcap: config.attention_problem refuses it)."""
+  scale = q_bthd.shape[-1] ** -0.5 if scale is None else scale
   if sharding.context_size() > 1:
     return _ring(q_bthd, k_bshd, v_bshd, segment_ids_bt, implementation, causal, window, scale,
-                 layout, jax.sharding.get_abstract_mesh())
+                 softcap, layout, jax.sharding.get_abstract_mesh())
   if implementation == "pallas":  # masks block by block from the segment ids: no [T, T] mask
-    return _pallas(q_bthd, k_bshd, v_bshd, segment_ids_bt, causal, window, scale)
+    return _pallas(q_bthd, k_bshd, v_bshd, segment_ids_bt, causal, window, scale, softcap)
   if implementation == "cudnn":  # documents as offsets: no [T, T] mask either
+    assert not softcap, "cuDNN's flash attention has no softcap"
     return _cudnn(q_bthd, k_bshd, v_bshd, segment_ids_bt, causal, window, scale, max_docs)
   if implementation == "xla":
-    return _xla(q_bthd, k_bshd, v_bshd, segment_mask(segment_ids_bt, causal, window), scale)
+    return _xla(q_bthd, k_bshd, v_bshd, segment_mask(segment_ids_bt, causal, window), scale,
+                softcap)
   raise ValueError(f"unknown attention implementation {implementation!r}; "
                    f"choose one of {ATTENTION}")

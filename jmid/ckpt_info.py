@@ -11,7 +11,7 @@ from typing import Any
 import jax
 
 from jmid import checkpoint as ckpt_lib
-from jmid import fs
+from jmid import families, fs
 from jmid.checkpoint import DamagedCheckpoint
 from jmid.errors import UserError, first_line
 
@@ -21,7 +21,11 @@ def _model_line(m: dict[str, Any]) -> str:
     return "model: (no spec stored)"
   keys = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "rope_theta",
           "rope_scaling", "tie_embeddings", "qkv_bias", "qk_norm")
-  return "model: " + ", ".join(f"{k}={m[k]}" for k in keys if k in m)
+  if_set = ("layer_pattern", "sliding_window", "rope_local_theta", "attn_softcap",
+            "final_softcap")
+  family = m.get("family") or f"{families.family_of(m).name} (by its switches)"
+  return (f"model: family={family}, " + ", ".join(f"{k}={m[k]}" for k in keys if k in m)
+          + "".join(f", {k}={m[k]!r}" for k in if_set if m.get(k)))
 
 
 def _origin_line(e: dict[str, Any]) -> str:

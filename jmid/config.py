@@ -62,6 +62,19 @@ class RunConfig:
   compilation_cache: str = "~/.cache/jmid/xla"
 
 
+# Layer kinds of model.layer_pattern: G global attention, L local (model.sliding_window, with
+# model.rope_local_theta when set), N global without RoPE (SmolLM3's NoPE layers).
+LAYER_KINDS = "GLN"
+# model.norm_style: llama: normed x cast back, times w; gemma: x times (1 + w) in float32, then
+# cast (weights stored as w, zero-init); olmo: x times w in float32, then cast.
+NORM_STYLES = ("llama", "gemma", "olmo")
+# model.norm_placement: pre: x + f(norm(x)) (Llama); pre_post: x + norm(f(norm(x))) (Gemma);
+# post: x + norm(f(x)) (OLMo 2).
+NORM_PLACEMENTS = ("pre", "pre_post", "post")
+QK_NORM_SCOPES = ("head", "projection")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The architecture; also written into every checkpoint so export needs no config file."""
@@ -95,11 +108,34 @@ class ModelConfig:
   cudnn_max_docs: int = 32  # attention='cudnn': document slots per row of its packed layout
   scan_layers: bool = True  # False: the layers unrolled (longer compile; XLA counts every layer)
   family: str = ""  # the Hugging Face family (jmid/families.py); "" = none
+  layer_pattern: str = ""  # the repeating group of layer kinds (LAYER_KINDS); "" = one kind
+  rope_local_theta: float = 0.0  # RoPE base of local layers, unscaled; 0 = the global RoPE
+  norm_style: str = "llama"  # NORM_STYLES
+  norm_placement: str = "pre"  # NORM_PLACEMENTS
+  qk_norm_scope: str = "head"  # head: per head (Qwen3, Gemma 3); projection: all heads (OLMo 2)
+  mlp_activation: str = "silu"  # silu: SwiGLU; gelu_tanh: GeGLU (Gemma)
+  embed_scale: bool = False  # embeddings times sqrt(d_model) (Gemma)
+  query_scale: float = 0.0  # logits scaled by query_scale ** -0.5; 0 = head width (Gemma: 256)
+  attn_softcap: float = 0.0  # attention logits -> c tanh(logits / c) (Gemma 2); 0 = none
+  final_softcap: float = 0.0  # LM-head logits capped the same way (Gemma 2); 0 = none
 
   @property
   def dh(self) -> int:
     """Per-head width, resolving head_dim=0 to d_model // n_heads."""
     return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def pattern(self) -> str:
+    """The repeating group of layer kinds: layer_pattern, or every layer local when the
+    model has one sliding window (Mistral), else global."""
+    return self.layer_pattern or ("L" if self.sliding_window else "G")
+
+  @property
+  def layer_kinds(self) -> str:
+    """Each layer's kind (LAYER_KINDS), the pattern repeated over n_layers (cut short at
+    the end when n_layers is not a multiple of it, as Gemma 3's 26 layers of 5:1)."""
+    p = self.pattern
+    return (p * (self.n_layers // len(p) + 1))[:self.n_layers]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,6 +343,9 @@ def attention_problem(m: ModelConfig, attention: str, context: int = 1) -> str |
             f"TPU kernel's lane tiling), got {m.dh}; use 'xla' or another model.head_dim")
   if attention != "cudnn":
     return None
+  if m.attn_softcap:
+    return ("model.attention='cudnn': cuDNN's flash attention cannot softcap its logits "
+            f"(model.attn_softcap={m.attn_softcap}); use model.attention='pallas' or 'xla'")
   if m.compute_dtype not in ("bfloat16", "float16"):
     return (f"model.attention='cudnn' needs model.compute_dtype bfloat16 or float16, not "
             f"{m.compute_dtype!r}; change one of them")
@@ -386,9 +425,23 @@ def validate(c: Config) -> None:
   _choice("model.compute_dtype", m.compute_dtype, DTYPES)
   _check(m.family in families.NAMES, f"model.family={m.family!r}: unknown; choose one of "
          f"{', '.join(families.FAMILIES)}, or '' for none")
-  problem = families.mismatch(m.family, m.qkv_bias, m.qk_norm, m.sliding_window)
+  problem = families.mismatch(m.family, dataclasses.asdict(m))
   _check(not problem, f"model.family={m.family!r}: {problem}; set the switch as the family has "
          "it, or model.family='' for a model of jmid's own")
+  bad = sorted(set(m.layer_pattern) - set(LAYER_KINDS))
+  _check(not bad, f"model.layer_pattern={m.layer_pattern!r}: {bad[0] if bad else ''!r} is no "
+         "layer kind; use G (global), L (local: model.sliding_window) and N (global, no RoPE)")
+  _check("L" not in m.layer_pattern or m.sliding_window > 0,
+         f"model.layer_pattern={m.layer_pattern!r} has local layers but model.sliding_window=0; "
+         "set the window")
+  _check(m.rope_local_theta >= 0, f"model.rope_local_theta={m.rope_local_theta}: must be >= 0 "
+         "(0 = local layers use the global RoPE)")
+  _choice("model.norm_style", m.norm_style, NORM_STYLES)
+  _choice("model.norm_placement", m.norm_placement, NORM_PLACEMENTS)
+  _choice("model.qk_norm_scope", m.qk_norm_scope, QK_NORM_SCOPES)
+  _choice("model.mlp_activation", m.mlp_activation, MLP_ACTIVATIONS)
+  for key in ("query_scale", "attn_softcap", "final_softcap"):
+    _check(getattr(m, key) >= 0, f"model.{key}={getattr(m, key)}: must be >= 0 (0 = none)")
   _check(m.cudnn_max_docs > 0, f"model.cudnn_max_docs={m.cudnn_max_docs}: must be > 0")
 
   for key in ("data", "fsdp", "tensor", "context"):

@@ -60,6 +60,7 @@ def contradictions(model: ModelConfig, hf: dict[str, Any], path: str = "") -> li
 def load_params(path: str, abstract_params: Any) -> Any:
   """Params from a HF folder onto the shardings in `abstract_params` (ShapeDtypeStructs)."""
   folder = Folder(path)
+  family = family_of(model_fields(read_config(path), path))
   flat = jax.tree_util.tree_flatten_with_path(abstract_params)
   missing: list[str] = []
   leaves = []
@@ -68,7 +69,7 @@ def load_params(path: str, abstract_params: Any) -> Any:
     stacked = parts[0] == "blocks"
     key = ".".join(parts[1:] if stacked else parts)
     if stacked:
-      names = [layer_names(l)[key] for l in range(leaf.shape[0])]
+      names = [layer_names(family, l)[key] for l in range(leaf.shape[0])]
     else:
       names = [TOP[key]]
     missing += [n for n in names if n not in folder]

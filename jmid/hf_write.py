@@ -32,16 +32,16 @@ def hf_config(meta: dict[str, Any], dtype: str) -> dict[str, Any]:
   return families.hf_config(meta["model"], seq_len, dtype)
 
 
-def _hf_tensors(leaves: Iterator[tuple[str, np.ndarray]],
+def _hf_tensors(leaves: Iterator[tuple[str, np.ndarray]], family: families.Family,
                 dtype: Any) -> Iterator[tuple[str, np.ndarray]]:
-  """(jmid params key like 'blocks.wq', array) -> (HF name, array) per layer."""
+  """(jmid params key like 'blocks.attn.wq', array) -> (HF name, array) per layer."""
   for key, a in leaves:
     cli.STOP.check(_NOTHING_WRITTEN)  # Ctrl-C / SIGTERM: stop between arrays, clean up
     parts = key.split(".")
     if parts[0] == "blocks":
       local = ".".join(parts[1:])
       for layer in range(a.shape[0]):
-        yield families.layer_names(layer)[local], families.from_jmid(local, a[layer]).astype(dtype)
+        yield families.layer_names(family, layer)[local], families.from_jmid(local, a[layer]).astype(dtype)
     else:
       yield families.TOP[key], families.from_jmid(key, a).astype(dtype)
 
@@ -59,11 +59,13 @@ def write_hf(out: str, meta: dict[str, Any], leaves: Iterator[tuple[str, np.ndar
   renamed at the end. On any failure (full disk, read-only volume, Ctrl-C) the temp sibling
   and the parent folders made for it are removed; nothing else is touched."""
   _check_out(out, dtype)
+  config = hf_config(meta, dtype)  # a model no family can hold fails before anything is written
+  family = families.family_of(meta["model"])
   given, out = out, os.path.abspath(os.path.expanduser(out))
   with atomic.naming(f"--out={given}", out), atomic.temp_sibling(out) as tmp:
-    files = write_folder(tmp, _hf_tensors(leaves, DTYPES[dtype]), int(shard_mb * 1e6))
+    files = write_folder(tmp, _hf_tensors(leaves, family, DTYPES[dtype]), int(shard_mb * 1e6))
     with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(hf_config(meta, dtype), f, indent=2)
+      json.dump(config, f, indent=2)
     tokenizer = meta.get("config", {}).get("data", {}).get("tokenizer", "")
     if tokenizer and tokenizer != "byte" and os.path.isfile(tokenizer):
       shutil.copy(tokenizer, os.path.join(tmp, "tokenizer.json"))

@@ -29,10 +29,10 @@ def n_chunks(seq_len: int, chunk: int, context: int = 1) -> int:
   return n
 
 
-def plain(x_bte: jax.Array, head_ev: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array
-          ) -> tuple[jax.Array, jax.Array]:
+def plain(x_bte: jax.Array, head_ev: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array,
+          softcap: float = 0.0) -> tuple[jax.Array, jax.Array]:
   """(cross-entropy sum, z sum) over masked tokens, with all logits at once: the reference."""
-  return _sums(logits(x_bte, head_ev), targets_bt, mask_bt)[:2]
+  return _sums(logits(x_bte, head_ev, softcap), targets_bt, mask_bt)[:2]
 
 
 def _sums(logits: jax.Array, targets: jax.Array, mask: jax.Array
@@ -48,24 +48,26 @@ def _strided(a: jax.Array, n: int) -> jax.Array:
   return jnp.moveaxis(a.reshape(b, t // n, n, *a.shape[2:]), 2, 0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def chunked(x_bte: jax.Array, head_ev: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array,
-            n: int) -> tuple[jax.Array, jax.Array]:
+            n: int, softcap: float = 0.0) -> tuple[jax.Array, jax.Array]:
   """(cross-entropy sum, z sum) over masked tokens (mask float32), in n chunks of positions."""
-  return _forward(x_bte, head_ev, targets_bt, mask_bt, n)[0]
+  return _forward(x_bte, head_ev, targets_bt, mask_bt, n, softcap)[0]
 
 
-def logits(x_bte: jax.Array, head_ev: jax.Array) -> jax.Array:
-  """The LM head: a matmul in the hidden states' (compute) dtype, accumulated in float32."""
-  return jnp.einsum("bte,ev->btv", x_bte, head_ev.astype(x_bte.dtype),
-                    preferred_element_type=jnp.float32)
+def logits(x_bte: jax.Array, head_ev: jax.Array, softcap: float = 0.0) -> jax.Array:
+  """The LM head: a matmul in the hidden states' (compute) dtype, accumulated in float32;
+  softcap c > 0 caps them to c tanh(logits / c) (Gemma 2's final_logit_softcapping)."""
+  out = jnp.einsum("bte,ev->btv", x_bte, head_ev.astype(x_bte.dtype),
+                   preferred_element_type=jnp.float32)
+  return softcap * jnp.tanh(out / softcap) if softcap else out
 
 
 def _forward(x_bte: jax.Array, head_ev: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array,
-             n: int) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+             n: int, softcap: float) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
   def body(carry: tuple, xs: tuple) -> tuple[tuple, jax.Array]:
     x, targets, mask = xs
-    ce, z, logz = _sums(logits(x, head_ev), targets, mask)
+    ce, z, logz = _sums(logits(x, head_ev, softcap), targets, mask)
     return (carry[0] + ce, carry[1] + z), logz
   zero = jnp.zeros((), jnp.float32)
   sums, logz = jax.lax.scan(body, (zero, zero), (_strided(x_bte, n), _strided(targets_bt, n),
@@ -74,12 +76,12 @@ def _forward(x_bte: jax.Array, head_ev: jax.Array, targets_bt: jax.Array, mask_b
 
 
 def _fwd(x_bte: jax.Array, head_ev: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array,
-         n: int) -> tuple[tuple[jax.Array, jax.Array], tuple]:
-  sums, logz = _forward(x_bte, head_ev, targets_bt, mask_bt, n)
+         n: int, softcap: float) -> tuple[tuple[jax.Array, jax.Array], tuple]:
+  sums, logz = _forward(x_bte, head_ev, targets_bt, mask_bt, n, softcap)
   return sums, (x_bte, head_ev, targets_bt, mask_bt, logz)
 
 
-def _bwd(n: int, res: tuple, g: tuple[jax.Array, jax.Array]) -> tuple:
+def _bwd(n: int, softcap: float, res: tuple, g: tuple[jax.Array, jax.Array]) -> tuple:
   x_bte, head_ev, targets_bt, mask_bt, logz = res
   g_ce, g_z = g
   cd = x_bte.dtype
@@ -87,13 +89,16 @@ def _bwd(n: int, res: tuple, g: tuple[jax.Array, jax.Array]) -> tuple:
 
   def body(dhead: jax.Array, xs: tuple) -> tuple[jax.Array, jax.Array]:
     x, targets, mask, lz = xs
-    chunk_logits = logits(x, head_ev)
+    chunk_logits = logits(x, head_ev, softcap)
     p = jnp.exp(chunk_logits - lz[..., None])
     # d ce / d logits = p - onehot(target); d logz^2 / d logits = 2 logz p; both masked
     scale = (mask * g_ce)[..., None]
     dlogits = p * (scale + (mask * g_z * 2.0 * lz)[..., None])
     onehot = jax.nn.one_hot(targets, chunk_logits.shape[-1], dtype=jnp.bool_)
-    dlogits = (dlogits - jnp.where(onehot, scale, 0.0)).astype(cd)
+    dlogits = dlogits - jnp.where(onehot, scale, 0.0)
+    if softcap:  # s = c tanh(x / c): ds/dx = 1 - (s / c)^2
+      dlogits = dlogits * (1.0 - jnp.square(chunk_logits / softcap))
+    dlogits = dlogits.astype(cd)
     dx = jnp.einsum("bcv,ev->bce", dlogits, head_ev.astype(cd),
                     preferred_element_type=jnp.float32).astype(cd)
     dhead = dhead + jnp.einsum("bce,bcv->ev", x, dlogits, preferred_element_type=jnp.float32)

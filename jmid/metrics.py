@@ -41,10 +41,20 @@ def peak_flops(device: jax.Device) -> float | None:
 
 
 def flops_per_token(m: ModelConfig, seq_len: int) -> float:
-  """Training FLOPs per token: 6 x matmul params + causal attention (half of 12 L T H D)."""
+  """Training FLOPs per token: 6 x matmul params + attention, 12 H D per key a query sees on
+  average: T/2 under causality (the usual 6 L T H D), about the window in a local layer."""
   per_layer = m.d_model * m.dh * (2 * m.n_heads + 2 * m.n_kv_heads) + 3 * m.d_model * m.d_ff
   matmul_params = m.n_layers * per_layer + m.d_model * m.vocab_size
-  return 6.0 * matmul_params + 6.0 * m.n_layers * m.n_heads * m.dh * seq_len
+  keys = sum(_keys_per_query(seq_len, m.sliding_window if kind == "L" else 0)
+             for kind in m.layer_kinds)
+  return 6.0 * matmul_params + 12.0 * m.n_heads * m.dh * keys
+
+
+def _keys_per_query(t: int, window: int) -> float:
+  """Keys a query attends to, averaged over a causal row of t tokens (window 0: no window)."""
+  if not window or window >= t:
+    return t / 2
+  return (window * (window + 1) / 2 + (t - window) * window) / t
 
 
 def _fmt_time(seconds: float | None) -> str:

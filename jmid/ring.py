@@ -72,7 +72,8 @@ class Ring:
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
                    axis: str, n: int, layout: str = "zigzag", causal: bool = True,
-                   window: int = 0, scale: float | None = None, implementation: str = "xla",
+                   window: int = 0, scale: float | None = None, softcap: float = 0.0,
+                   implementation: str = "xla",
                    interpret: bool = False) -> jax.Array:
   """One device's slice of attention over the whole row, inside shard_map.
 
@@ -82,7 +83,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Ar
   """
   d = q.shape[-1]
   block = Cfg(scale=d ** -0.5 if scale is None else scale, causal=causal, window=window or None,
-              softcap=None, offset=0, group=q.shape[2] // k.shape[2], block_sizes=None,
+              softcap=softcap or None, offset=0, group=q.shape[2] // k.shape[2], block_sizes=None,
               interpret=interpret, platform=None)
   seg = segment_ids.astype(jnp.int32)
   return _ring(Ring(axis, n, layout, block, implementation == "pallas"), q, k, v, seg, seg)

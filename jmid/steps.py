@@ -62,13 +62,14 @@ def loss_sums(graphdef: nnx.GraphDef, params: dict, batch: Batch, z_loss: float 
   """(objective summed over target tokens, {ce_sum, z_sum, count}); all in float32.
   loss_chunks > 0: the LM head and loss in that many chunks of positions (jmid.loss)."""
   batch, layout = in_context_layout(batch, context_layout)
-  x_bte, head_ev = model_lib.hidden(graphdef, params, batch["inputs"], batch["positions"],
-                                    batch["segment_ids"], layout)
+  x_bte, head_ev, cap = model_lib.hidden(graphdef, params, batch["inputs"],
+                                         batch["positions"], batch["segment_ids"], layout)
   mask_bt = batch["loss_mask"].astype(jnp.float32)
   if loss_chunks:
-    ce_sum, z_sum = loss_lib.chunked(x_bte, head_ev, batch["targets"], mask_bt, loss_chunks)
+    ce_sum, z_sum = loss_lib.chunked(x_bte, head_ev, batch["targets"], mask_bt,
+                                     loss_chunks, cap)
   else:
-    ce_sum, z_sum = loss_lib.plain(x_bte, head_ev, batch["targets"], mask_bt)
+    ce_sum, z_sum = loss_lib.plain(x_bte, head_ev, batch["targets"], mask_bt, cap)
   objective = ce_sum + z_loss * z_sum
   return objective, {"ce_sum": ce_sum, "z_sum": z_sum, "count": jnp.sum(mask_bt)}
 

@@ -134,14 +134,19 @@ def test_logsumexp_cotangent_flows():
 
 
 def test_jmid_model_with_pallas_attention_matches_xla():
-  """model.attention='pallas' (interpret mode): the same loss and gradients as 'xla'."""
+  """model.attention='pallas' (interpret mode): the same loss and gradients as 'xla', for a
+  Gemma 2 shaped model: a local then a global layer (the window reaches the kernel's block
+  skipping on one layer only), attention and final softcaps, its own query scale."""
   import dataclasses
 
   from jmid import model as model_lib
   from jmid import steps
   from tests.helpers import tiny_config
   from tests.helpers import synthetic_batch
-  cfg = dataclasses.replace(tiny_config().model, sliding_window=6)
+  cfg = dataclasses.replace(tiny_config().model, sliding_window=6, layer_pattern="LG",
+                            attn_softcap=3.0, final_softcap=5.0, query_scale=24.0,
+                            norm_style="gemma", norm_placement="pre_post",
+                            mlp_activation="gelu_tanh", embed_scale=True)
   batch = synthetic_batch(2, 16, cfg.vocab_size, seed=SEED)
   out = {}
   for impl in ("xla", "pallas"):

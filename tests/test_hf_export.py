@@ -46,10 +46,18 @@ def test_import_then_export_gives_back_the_same_tensors(case, tmp_path):
     assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
   cfg = json.loads((tmp_path / "out" / "config.json").read_text())
   assert cfg["architectures"] == [CASES[case][1]]
-  assert cfg["rope_parameters"]["rope_type"] == CASES[case][2]["rope_parameters"]["rope_type"]
+  rope = CASES[case][2]["rope_parameters"]
+  rope, ours = (rope.get("full_attention", rope),
+                cfg["rope_parameters"].get("full_attention", cfg["rope_parameters"]))
+  assert ours["rope_type"] == rope["rope_type"]
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# the newer families' runs in the slow lane, Gemma 3 (the most switches) in both
+SLOW_TRAINED = ("gemma2", "olmo2", "olmo3", "smollm3")
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_TRAINED
+                                  else c for c in sorted(CASES)])
 def test_trained_export_loads_in_transformers_with_the_same_logits(case, tmp_path):
   build(case, tmp_path / "hf", vocab_size=384)
   c = _run_from(tmp_path / "hf", tmp_path / "run", steps=3)

@@ -36,6 +36,31 @@ CASES = {
     "mistral-window": ("MistralConfig", "MistralForCausalLM", dict(
         sliding_window=8, tie_word_embeddings=False,  # much shorter than the test's 48 tokens
         rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
+    # the families of layer patterns: each deeper than one group of its pattern, with layers
+    # past the last whole group, windows shorter than the tokens, softcaps that bite
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        num_hidden_layers=3, head_dim=16, sliding_window=8, query_pre_attn_scalar=32,
+        attn_logit_softcapping=5.0, final_logit_softcapping=3.0, tie_word_embeddings=True,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        num_hidden_layers=4, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                     "sliding_attention"], tie_word_embeddings=True,
+        rope_parameters={"full_attention": dict(rope_type="linear", factor=2.0,
+                                                rope_theta=1000000.0),
+                         "sliding_attention": dict(rope_type="default", rope_theta=10000.0)})),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(
+        tie_word_embeddings=False, rope_parameters=dict(rope_type="default",
+                                                        rope_theta=500000.0))),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", dict(
+        num_hidden_layers=5, sliding_window=8, tie_word_embeddings=False,
+        rope_parameters={"full_attention": dict(rope_type="yarn", factor=4.0,
+                                                original_max_position_embeddings=64,
+                                                rope_theta=500000.0),
+                         "sliding_attention": dict(rope_type="default", rope_theta=500000.0)})),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(
+        num_hidden_layers=5, tie_word_embeddings=True, pad_token_id=0,
+        rope_parameters=dict(rope_type="default", rope_theta=2000000.0))),
 }
 
 
@@ -43,7 +68,7 @@ def build(case, path, shard=None, **overrides):
   """A random HF model saved to `path`; returns it (float32, eval mode)."""
   config_cls, model_cls, extra = CASES[case]
   torch.manual_seed(0)
-  config = getattr(transformers, config_cls)(**{**BASE, **overrides}, **extra)
+  config = getattr(transformers, config_cls)(**{**BASE, **extra, **overrides})
   model = getattr(transformers, model_cls)(config).eval()
   with torch.no_grad():  # weights large enough that a layout slip changes the logits
     for name, p in model.named_parameters():
@@ -85,7 +110,7 @@ def test_unsupported_architecture_is_named(tmp_path):
   build("llama-llama3", tmp_path)
   _edit_config(tmp_path, architectures=["GPT2LMHeadModel"])
   with pytest.raises(UserError, match="GPT2LMHeadModel is not supported; jmid reads "
-                                      "LlamaForCausalLM, MistralForCausalLM"):
+                                      "Gemma2ForCausalLM, Gemma3ForCausalLM, LlamaForCausalLM"):
     hf.load(str(tmp_path))
 
 

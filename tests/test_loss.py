@@ -18,13 +18,14 @@ def _objective(fn, x, head, targets, mask, tied):
   return ce + 0.3 * z  # z-loss kept: its gradient path is the chunked backward's too
 
 
-@pytest.mark.parametrize("dtype,tied", [(jnp.float32, False), (jnp.bfloat16, False),
-                                        (jnp.bfloat16, True)])
-def test_chunked_equals_plain_in_value_and_gradient(dtype, tied):
+@pytest.mark.parametrize("dtype,tied,cap", [(jnp.float32, False, 0.0), (jnp.bfloat16, False, 0.0),
+                                            (jnp.bfloat16, True, 0.0), (jnp.float32, True, 2.0)])
+def test_chunked_equals_plain_in_value_and_gradient(dtype, tied, cap):
   """Masked tokens, z-loss, chunks of 1 position to the whole row, compiled: the same sums and
   the same gradients for the hidden states and the head (bf16: the matmuls in bf16 with f32
   accumulation on both sides, so they agree to bf16 rounding). A tied head (embed.T) in one
-  chunk once compiled to a bf16 matmul XLA:CPU cannot run."""
+  chunk once compiled to a bf16 matmul XLA:CPU cannot run. cap: Gemma 2's final softcap,
+  whose derivative the chunked backward applies by hand."""
   k = jax.random.split(jax.random.PRNGKey(0), 4)
   b, t, e, v = 2, 24, 16, 97
   x = jax.random.normal(k[0], (b, t, e)).astype(dtype)
@@ -35,10 +36,10 @@ def test_chunked_equals_plain_in_value_and_gradient(dtype, tied):
   def value_and_grad(fn):
     return jax.jit(jax.value_and_grad(lambda x, h: _objective(fn, x, h, targets, mask, tied),
                                       argnums=(0, 1)))(x, head)
-  want = value_and_grad(loss.plain)
+  want = value_and_grad(lambda *a: loss.plain(*a, softcap=cap))
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
   for n in (1, 3, t):
-    got = value_and_grad(lambda *a, n=n: loss.chunked(*a, n))
+    got = value_and_grad(lambda *a, n=n: loss.chunked(*a, n, cap))
     np.testing.assert_allclose(got[0], want[0], rtol=tol)
     for g, w in zip(got[1], want[1]):
       assert g.dtype == w.dtype

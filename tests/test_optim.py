@@ -55,8 +55,8 @@ def test_decay_mask_skips_norms_biases_and_embeddings():
   kinds = model_lib.decay_kinds(cfg)  # marked where the model makes each parameter
   assert jax.tree.structure(kinds) == jax.tree.structure(model_lib.init_params(cfg, 0))
   mask = optim.decay_mask(kinds, decay_embeddings=False)
-  assert mask["blocks"]["wq"] and mask["blocks"]["w_down"]
+  assert mask["blocks"]["attn"]["wq"] and mask["blocks"]["mlp"]["w_down"]
   assert not mask["blocks"]["attn_norm"]["scale"] and not mask["final_norm"]["scale"]
-  assert not mask["blocks"]["bq"] and not mask["embed"] and not mask["lm_head"]
+  assert not mask["blocks"]["attn"]["bq"] and not mask["embed"] and not mask["lm_head"]
   with_emb = optim.decay_mask(kinds, decay_embeddings=True)
-  assert with_emb["embed"] and with_emb["lm_head"] and not with_emb["blocks"]["bk"]
+  assert with_emb["embed"] and with_emb["lm_head"] and not with_emb["blocks"]["attn"]["bk"]

@@ -71,15 +71,15 @@ def test_parameters_carry_the_rule_shardings():
   p = state["params"]
   assert p["embed"].sharding.spec == P("tensor", "fsdp")
   assert p["lm_head"].sharding.spec == P("fsdp", "tensor")
-  assert p["blocks"]["wq"].sharding.spec == P(None, "fsdp", "tensor", None)
-  assert p["blocks"]["wk"].sharding.spec == P(None, "fsdp", "tensor", None)
-  assert p["blocks"]["wo"].sharding.spec == P(None, "tensor", None, "fsdp")
-  assert p["blocks"]["w_gate"].sharding.spec == P(None, "fsdp", "tensor")
-  assert p["blocks"]["w_down"].sharding.spec == P(None, "tensor", "fsdp")
+  assert p["blocks"]["attn"]["wq"].sharding.spec == P(None, "fsdp", "tensor", None)
+  assert p["blocks"]["attn"]["wk"].sharding.spec == P(None, "fsdp", "tensor", None)
+  assert p["blocks"]["attn"]["wo"].sharding.spec == P(None, "tensor", None, "fsdp")
+  assert p["blocks"]["mlp"]["w_gate"].sharding.spec == P(None, "fsdp", "tensor")
+  assert p["blocks"]["mlp"]["w_down"].sharding.spec == P(None, "tensor", "fsdp")
   assert p["final_norm"]["scale"].sharding.spec == P("fsdp")
   # Adam moments follow their parameters; the step counter is replicated
   mu = state["opt_state"][1][0].mu
-  assert mu["blocks"]["wq"].sharding.spec == p["blocks"]["wq"].sharding.spec
+  assert mu["blocks"]["attn"]["wq"].sharding.spec == p["blocks"]["attn"]["wq"].sharding.spec
   assert state["step"].sharding.spec == P()
 
 

@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jmid import cli, fs, integrity, resume
+from jmid.checkpoint import legacy
 from jmid.errors import UserError, first_line, os_problem
 from jmid.integrity import path_str  # also ckpt_lib.path_str for the modules that name arrays
 from jmid.safetensors_io import is_hf_folder
@@ -91,9 +92,12 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
                "jmid.checkpoint info shows them), or a fresh run.workdir")
   meta = read_meta(path)
   as_saved = _as_saved(abstract_state, saved_arrays(path))
+  old = legacy.is_old(_raw_tree(path))
+  as_saved = legacy.to_old(as_saved) if old else as_saved
   out = _orbax_read(path, lambda: manager.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(as_saved))))
-  state = _cast(verify_tree(path, out["state"], meta), abstract_state)
+  restored = legacy.to_new(out["state"]) if old else out["state"]
+  state = _cast(verify_tree(path, restored, meta), abstract_state)
   _restore_data(manager, step, path, data_iter)
   return state, meta
 
@@ -193,7 +197,13 @@ def lineage_entry(step_dir: str, meta: dict[str, Any], load: str) -> dict[str, A
 
 
 def saved_tree(step_dir: str) -> Any:
-  """state/'s tree as saved (dicts and lists of Orbax ArrayMetadata: shape, dtype)."""
+  """state/'s tree as saved (dicts and lists of Orbax ArrayMetadata: shape, dtype), its
+  names as today's model has them (checkpoint/legacy.py)."""
+  return legacy.to_new(_raw_tree(step_dir))
+
+
+def _raw_tree(step_dir: str) -> Any:
+  """state/'s tree with the names it was saved under."""
   try:
     # the handler, not a Checkpointer: it does not look for (and warn about) step metadata
     meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(os.path.join(step_dir, "state")))
@@ -236,7 +246,7 @@ def check_shapes(step_dir: str, target: Any, prefix: str, fix: str) -> None:
 def verify_tree(step_dir: str, tree: Any, meta: dict[str, Any]) -> Any:
   """`tree` (arrays read from step_dir, named from the state's root) if its fingerprints match
   those saved in meta; a checkpoint saved without them is accepted unverified."""
-  saved = meta.get("fingerprints")
+  saved = {legacy.new_key(k): v for k, v in (meta.get("fingerprints") or {}).items()}
   if saved:
     bad = integrity.compare(saved, integrity.fingerprints(tree))
     if bad:
@@ -279,10 +289,15 @@ def read_array(step_dir: str, key: str, meta: dict[str, Any] | None = None,
 
 
 def _read(step_dir: str, target: Any, restore_args: Any, partial: bool) -> Any:
-  """state/ read by Orbax; any failure becomes one line (_read_error)."""
-  return _orbax_read(step_dir, lambda: ocp.PyTreeCheckpointer().restore(
+  """state/ read by Orbax (target named as today's model names it, read under the names it
+  was saved with); any failure becomes one line (_read_error)."""
+  old = legacy.is_old(_raw_tree(step_dir))
+  if old:
+    target, restore_args = legacy.to_old(target), legacy.to_old(restore_args)
+  out = _orbax_read(step_dir, lambda: ocp.PyTreeCheckpointer().restore(
       os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
           item=target, restore_args=restore_args, partial_restore=partial)))
+  return legacy.to_new(out) if old else out
 
 
 def _orbax_read(step_dir: str, read: Callable[[], Any]) -> Any:
