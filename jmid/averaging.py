@@ -33,7 +33,7 @@ def read_leaf(step_dir: str, key: str, shape: tuple[int, ...]) -> np.ndarray:
   return np.array(leaf, dtype=np.float32)  # a writable copy: it becomes the running sum
 
 
-def average(paths: list[str], out_dir: str, key: str = "params") -> dict[str, Any]:
+def average(paths: list[str], out_dir: str, key: str = "params") -> ckpt_lib.Meta:
   """Writes the elementwise mean of `key` ('params' or 'ema') over `paths`; returns its meta."""
   if len(paths) < 2:
     raise UserError("average: give at least two checkpoints (run workdirs or step folders)")
@@ -54,9 +54,9 @@ def average(paths: list[str], out_dir: str, key: str = "params") -> dict[str, An
       total += read_leaf(d, name, shape)
     _put(mean, name.split(".")[1:], total / len(step_dirs))
   metas = [ckpt_lib.read_meta(d) for d in step_dirs]
-  meta = {k: metas[0][k] for k in ("model", "config") if k in metas[0]}
-  meta.update(step=0, tokens=0, lr=metas[0].get("lr"), averaged=step_dirs, lineage=[
-      ckpt_lib.lineage_entry(d, m, f"average({key})") for d, m in zip(step_dirs, metas)])
+  meta = ckpt_lib.Meta(step=0, tokens=0, lr=metas[0].lr, model=metas[0].model,
+                       config=metas[0].config, averaged=tuple(step_dirs), lineage=tuple(
+                           m.origin(d, f"average({key})") for d, m in zip(step_dirs, metas)))
   ckpt_lib.save_params(out_dir, mean, meta)
   return meta
 

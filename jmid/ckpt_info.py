@@ -12,7 +12,8 @@ import jax
 
 from jmid import checkpoint as ckpt_lib
 from jmid import families, fs
-from jmid.checkpoint import DamagedCheckpoint
+from jmid.checkpoint import DamagedCheckpoint, legacy
+from jmid.checkpoint.meta import Origin
 from jmid.errors import UserError, first_line
 
 
@@ -28,11 +29,13 @@ def _model_line(m: dict[str, Any]) -> str:
           + "".join(f", {k}={m[k]!r}" for k in if_set if m.get(k)))
 
 
-def _origin_line(e: dict[str, Any]) -> str:
-  tokens = f"{e['tokens']:,} tokens" if isinstance(e.get("tokens"), int) else "? tokens"
-  lr = f"lr {e['lr']:.3e}" if isinstance(e.get("lr"), (int, float)) else "lr ?"
-  return (f"  <- {e.get('load', '?')} of {e.get('from', '?')} (run {e.get('run') or '?'}, "
-          f"step {e.get('step', '?')}, {tokens}, {lr})")
+def _origin_line(e: Origin) -> str:
+  if e.architecture:  # a Hugging Face folder
+    return f"  <- {e.load} of {e.path} (Hugging Face {e.architecture})"
+  tokens = "? tokens" if e.tokens is None else f"{e.tokens:,} tokens"
+  lr = "lr ?" if e.lr is None else f"lr {e.lr:.3e}"
+  step = "?" if e.step is None else e.step
+  return f"  <- {e.load} of {e.path} (run {e.run or '?'}, step {step}, {tokens}, {lr})"
 
 
 def verify(step_dir: str) -> tuple[bool, str]:
@@ -61,9 +64,9 @@ def verify(step_dir: str) -> tuple[bool, str]:
       problems.append(f"data/{os.path.basename(path)} ({first_line(e)})")
   if problems:
     return False, "DAMAGED: " + "; ".join(problems)
-  if not meta.get("fingerprints"):
+  if not meta.fingerprints:
     return True, f"no fingerprints (written before jmid recorded them), {len(keys)} arrays readable"
-  unchecked = len(set(keys) - set(meta["fingerprints"]))
+  unchecked = len(set(keys) - {legacy.new_key(k) for k in meta.fingerprints})
   note = f" ({unchecked} without a fingerprint, readable)" if unchecked else ""
   return True, f"ok, {len(keys) - unchecked} arrays verified{note}"
 
@@ -97,20 +100,18 @@ def describe(step_dir: str) -> str:
     top = key.split(".", 1)[0]
     groups[top] = groups.get(top, 0) + math.prod(shape)
   lines = [f"checkpoint {step_dir}"]
-  lineage = list(meta.get("lineage", []))
-  total = (meta.get("tokens") or 0) + sum(e.get("tokens") or 0 for e in lineage)
-  if meta:
-    run = meta.get("config", {}).get("run", {}).get("name", "?")
-    lines.append(f"step {meta.get('step')} | tokens {meta.get('tokens', 0):,} this stage, "
-                 f"{total:,} over all stages | lr {meta.get('lr', float('nan')):.3e} | "
-                 f"run {run}")
-  lines.append(_model_line(meta.get("model", {})))
+  total = (meta.tokens or 0) + sum(e.tokens or 0 for e in meta.lineage)
+  if not meta.empty:
+    lr = float("nan") if meta.lr is None else meta.lr
+    lines.append(f"step {meta.step} | tokens {meta.tokens or 0:,} this stage, "
+                 f"{total:,} over all stages | lr {lr:.3e} | run {meta.run_name or '?'}")
+  lines.append(_model_line(meta.model))
   order = ("params", "ema", "opt_state")
   held = ", ".join(f"{k} {groups[k] / 1e6:.2f}M values" for k in order if k in groups)
   data = "yes" if fs.isdir(os.path.join(step_dir, "data")) else "no"
   lines.append(f"state: {held} | data iterator: {data}")
   lines.append(f"integrity: {status}")
-  lines.append("lineage:" + (" first stage (random init)" if meta and not lineage else
-                             " unknown (no meta)" if not meta else ""))
-  lines += [_origin_line(e) for e in lineage]
+  lines.append("lineage:" + (" first stage (random init)" if not meta.empty and not meta.lineage
+                             else " unknown (no meta)" if meta.empty else ""))
+  lines += [_origin_line(e) for e in meta.lineage]
   return "\n".join(line for line in lines if line)

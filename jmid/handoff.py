@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from jmid import checkpoint as ckpt_lib
+from jmid.checkpoint.meta import Origin
 from jmid import fs, hf
 from jmid import sharding
 from jmid.errors import UserError
@@ -28,47 +29,67 @@ STATE_KEY = {"params": "params", "params+optimizer": "params", "ema": "ema"}
 
 
 @dataclasses.dataclass(frozen=True)
-class Source:
-  """A checkpoint step folder to start from, with its meta JSON ({} when it has none)."""
+class Checkpoint:
+  """A jmid checkpoint step folder to start from, with its meta."""
 
-  step_dir: str
-  meta: dict[str, Any]
+  path: str
+  meta: ckpt_lib.Meta
 
   @property
   def lr(self) -> float:
-    if "lr" not in self.meta:
-      raise UserError(f"optim.lr_from_checkpoint: {self.step_dir} stores no lr in its meta; "
+    if self.meta.lr is None:
+      raise UserError(f"optim.lr_from_checkpoint: {self.path} stores no lr in its meta; "
                       "set optim.lr explicitly and optim.lr_from_checkpoint=False")
-    return float(self.meta["lr"])
+    return self.meta.lr
+
+
+@dataclasses.dataclass(frozen=True)
+class HfFolder:
+  """A Hugging Face folder to start from: its config.json (checked by hf.read_config) and
+  the family it names."""
+
+  path: str
+  config: dict[str, Any]
+
+  @property
+  def architecture(self) -> str:
+    return self.config["architectures"][0]
+
+  @property
+  def lr(self) -> float:
+    raise UserError(f"optim.lr_from_checkpoint: {self.path} is a Hugging Face folder, which "
+                    "stores no lr; set optim.lr explicitly and optim.lr_from_checkpoint=False")
+
+
+Source = Checkpoint | HfFolder
 
 
 def find(path: str) -> Source:
-  """A jmid workdir or step folder, or a Hugging Face folder (meta then holds its config)."""
+  """A jmid workdir or step folder (its newest step), or a Hugging Face folder."""
   full = fs.absolute(path, "init.from_path")
   if not fs.is_remote(full) and os.path.isdir(full) and is_hf_folder(full):
-    config = hf.read_config(full)
-    arch = (config.get("architectures") or ["?"])[0]
-    return Source(full, {"hf_config": config, "config": {"run": {"name": f"hf:{arch}"}}})
+    return HfFolder(full, hf.read_config(full))
   step_dir = ckpt_lib.resolve_step_dir(path)
-  return Source(step_dir, ckpt_lib.read_meta(step_dir))
+  return Checkpoint(step_dir, ckpt_lib.read_meta(step_dir))
 
 
-def _load_hf(source: Source, load: str, model: Any, abstract_params: Any) -> Any:
+def _load_hf(source: HfFolder, load: str, model: Any, abstract_params: Any) -> Any:
   """Params from a HF folder; its config.json must describe this run's model.* exactly."""
   if load != "params":
     raise UserError(f"init.load={load!r}: a Hugging Face folder holds params only; use "
                     "init.load='params'")
-  diff = hf.contradictions(model, source.meta["hf_config"], source.step_dir)
+  diff = hf.contradictions(model, source.config, source.path)
   if diff:
-    raise UserError(f"init.from_path={source.step_dir}: this run's model contradicts its "
+    raise UserError(f"init.from_path={source.path}: this run's model contradicts its "
                     f"config.json: {'; '.join(diff[:4])}; set those model.* keys")
-  return hf.load_params(source.step_dir, abstract_params)
+  return hf.load_params(source.path, abstract_params)
 
 
-def lineage(source: Source, load: str) -> list[dict[str, Any]]:
+def lineage(source: Source, load: str) -> list[Origin]:
   """This run's origin first, then the source's own lineage, back to the first stage."""
-  return ([ckpt_lib.lineage_entry(source.step_dir, source.meta, load)]
-          + list(source.meta.get("lineage", [])))
+  if isinstance(source, HfFolder):
+    return [Origin(source.path, load, architecture=source.architecture)]
+  return [source.meta.origin(source.path, load), *source.meta.lineage]
 
 
 def _grow_axes(names: tuple, saved: tuple[int, ...], want: tuple[int, ...]) -> bool:
@@ -80,7 +101,7 @@ def _grow_axes(names: tuple, saved: tuple[int, ...], want: tuple[int, ...]) -> b
 
 def _saved_abstract(source: Source, key: str, abstract_params: Any, names: Any) -> Any:
   """abstract_params with the shapes stored in the checkpoint (vocab may be smaller)."""
-  shapes = ckpt_lib.saved_shapes(source.step_dir)
+  shapes = ckpt_lib.saved_shapes(source.path)
   bad = []
 
   def saved(path: tuple, leaf: jax.ShapeDtypeStruct, n: tuple) -> jax.ShapeDtypeStruct:
@@ -99,12 +120,12 @@ def _saved_abstract(source: Source, key: str, abstract_params: Any, names: Any) 
           if k.startswith(key + ".") and k not in ours]
   if not any(k.startswith(key + ".") for k in shapes):
     hint = " (train with train.ema_decay > 0 to keep one)" if key == "ema" else ""
-    raise UserError(f"init.load={key!r}: {source.step_dir} holds no {key}{hint}; "
+    raise UserError(f"init.load={key!r}: {source.path} holds no {key}{hint}; "
                     "use init.load='params'")
   if bad:
     more = f" (+{len(bad) - 4} more)" if len(bad) > 4 else ""
     raise UserError(
-        f"init.from_path: {source.step_dir} holds another architecture (checkpoint vs model: "
+        f"init.from_path: {source.path} holds another architecture (checkpoint vs model: "
         f"{'; '.join(bad[:4])}{more}); set model.* like the source run (python -m "
         "jmid.checkpoint info shows its spec); only a larger vocab_size can change")
   return out
@@ -129,7 +150,7 @@ def load_state(source: Source, load: str, mesh: jax.sharding.Mesh, abstract_stat
                model: Any) -> Any:
   """The step-0 train state for this run, built from `source` onto this run's shardings."""
   abstract_params = abstract_state["params"]
-  if "hf_config" in source.meta:
+  if isinstance(source, HfFolder):
     return state_from_params(_load_hf(source, load, model, abstract_params))
   param_sh = jax.tree.map(lambda a: a.sharding, abstract_params)
   saved = _saved_abstract(source, STATE_KEY[load], abstract_params, names)
@@ -141,7 +162,7 @@ def load_state(source: Source, load: str, mesh: jax.sharding.Mesh, abstract_stat
         tx, lambda _, s: s, saved_opt, saved_sh,
         transform_non_params=lambda _: sharding.replicated(mesh))
     target["opt_state"] = ckpt_lib.abstract_with_shardings(saved_opt, opt_sh)
-  out = ckpt_lib.restore_tree(source.step_dir, target)
+  out = ckpt_lib.restore_tree(source.path, target)
   params = out[STATE_KEY[load]]
   if any(jax.tree.leaves(jax.tree.map(lambda a, b: a.shape != b.shape, saved, abstract_params))):
     params = jax.jit(lambda p: jax.tree.map(lambda x, a: _pad(x, a.shape, "mean"), p,

@@ -153,4 +153,4 @@ def save(model_or_checkpoint: Model | str, out_dir: str, dtype: str = "float32")
   m = model_or_checkpoint
   flat = jax.tree_util.tree_flatten_with_path(m.params)[0]
   leaves = ((ckpt_lib.path_str(p), np.asarray(x)) for p, x in flat)
-  hf_write.write_hf(out_dir, {"model": dataclasses.asdict(m.cfg)}, leaves, dtype)
+  hf_write.write_hf(out_dir, ckpt_lib.Meta(model=dataclasses.asdict(m.cfg)), leaves, dtype)

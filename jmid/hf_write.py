@@ -26,10 +26,9 @@ _NOTHING_WRITTEN = "nothing was written (--out does not exist)"
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
-def hf_config(meta: dict[str, Any], dtype: str) -> dict[str, Any]:
+def hf_config(meta: ckpt_lib.Meta, dtype: str) -> dict[str, Any]:
   """The config.json of a checkpoint's meta (its model spec, and the seq_len it trained at)."""
-  seq_len = meta.get("config", {}).get("data", {}).get("seq_len", 2048)
-  return families.hf_config(meta["model"], seq_len, dtype)
+  return families.hf_config(meta.model, meta.seq_len or 2048, dtype)
 
 
 def _hf_tensors(leaves: Iterator[tuple[str, np.ndarray]], family: families.Family,
@@ -53,20 +52,20 @@ def _checkpoint_leaves(step_dir: str) -> Iterator[tuple[str, np.ndarray]]:
     yield key[len("params."):], averaging.read_leaf(step_dir, key, shapes[key])
 
 
-def write_hf(out: str, meta: dict[str, Any], leaves: Iterator[tuple[str, np.ndarray]],
+def write_hf(out: str, meta: ckpt_lib.Meta, leaves: Iterator[tuple[str, np.ndarray]],
              dtype: str = "float32", shard_mb: float = 5000.0) -> list[str]:
   """The HF folder `out` from a meta and params arrays: written into a temp sibling that is
   renamed at the end. On any failure (full disk, read-only volume, Ctrl-C) the temp sibling
   and the parent folders made for it are removed; nothing else is touched."""
   _check_out(out, dtype)
   config = hf_config(meta, dtype)  # a model no family can hold fails before anything is written
-  family = families.family_of(meta["model"])
+  family = families.family_of(meta.model)
   given, out = out, os.path.abspath(os.path.expanduser(out))
   with atomic.naming(f"--out={given}", out), atomic.temp_sibling(out) as tmp:
     files = write_folder(tmp, _hf_tensors(leaves, family, DTYPES[dtype]), int(shard_mb * 1e6))
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(config, f, indent=2)
-    tokenizer = meta.get("config", {}).get("data", {}).get("tokenizer", "")
+    tokenizer = meta.tokenizer
     if tokenizer and tokenizer != "byte" and os.path.isfile(tokenizer):
       shutil.copy(tokenizer, os.path.join(tmp, "tokenizer.json"))
     with open(os.path.join(tmp, "generation_config.json"), "w") as f:
@@ -107,7 +106,7 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
   _check_out(out, dtype)
   path = find_step(workdir, step)
   meta = ckpt_lib.read_meta(path)
-  if "model" not in meta:
+  if not meta.model:
     raise UserError(f"{path} has no model spec in its meta; export needs a checkpoint "
                     "written by jmid")
   return write_hf(out, meta, _checkpoint_leaves(path), dtype, shard_mb)

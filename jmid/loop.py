@@ -19,6 +19,7 @@ from jmid import config as config_lib
 from jmid import metrics as metrics_lib
 from jmid import attention, distributed, passkey, resume, sharding, steps
 from jmid import workdir as workdir_lib
+from jmid.checkpoint.meta import Origin
 from jmid.data import pipeline
 from jmid.errors import UserError, first_line, os_problem
 
@@ -34,7 +35,7 @@ class Started:
   start: int
   data_iter: Any
   srcs: Any
-  lineage: list[dict[str, Any]]
+  lineage: list[Origin]
   first: dict[str, Any]  # goes into the first metrics record: how the run started
   lock: workdir_lib.Lock | None
 
@@ -135,9 +136,9 @@ def train_loop(run: Started, signals: cli.StopFlag, stop_after: int | None) -> d
     if not bool(finite(state)):
       raise UserError(f"the train state holds a non-finite value at step {step}; it was not "
                       "saved. Resume from an earlier checkpoint (train.resume_step)")
-    meta = {"step": step, "tokens": step * tokens_per_step, "lr": float(su.lr_fn(step)),
-            "model": dataclasses.asdict(c.model), "config": config_lib.to_json_dict(c),
-            "lineage": run.lineage, "ema": c.train.ema_decay > 0}
+    meta = ckpt_lib.Meta(step=step, tokens=step * tokens_per_step, lr=float(su.lr_fn(step)),
+                         model=dataclasses.asdict(c.model), config=config_lib.to_json_dict(c),
+                         lineage=tuple(run.lineage), ema=c.train.ema_decay > 0)
     check_saves()
     try:
       ckpt_lib.save(manager, step, run.state, data_iter, meta)

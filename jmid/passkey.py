@@ -187,34 +187,33 @@ def _load(path: str, step: int | None, context: int, layout: str, tokenizer: str
                         else full)
   mesh_cfg = config_lib.MeshConfig(data=1, fsdp=-1, tensor=1, context=context,
                                    context_layout=layout)
-  if "hf_config" in source.meta:
-    fields = hf.model_fields(source.meta["hf_config"], source.step_dir)
+  if isinstance(source, handoff.HfFolder):
+    fields = hf.model_fields(source.config, source.path)
     model = config_lib.ModelConfig(**{**_MODEL_DEFAULTS, **fields})
-    tok_file = os.path.join(source.step_dir, "tokenizer.json")
+    tok_file = os.path.join(source.path, "tokenizer.json")
     if not tokenizer and not os.path.isfile(tok_file):
-      raise UserError(f"{source.step_dir} has no tokenizer.json; passkey prompts need the "
+      raise UserError(f"{source.path} has no tokenizer.json; passkey prompts need the "
                       "model's own tokenizer: give --tokenizer=PATH (or 'byte')")
     tokenizer = tokenizer or tok_file
-    trained = int(source.meta["hf_config"].get("max_position_embeddings") or 4096)
-    out = os.path.abspath(f"passkey-{os.path.basename(source.step_dir)}.json")
+    trained = int(source.config.get("max_position_embeddings") or 4096)
+    out = os.path.abspath(f"passkey-{os.path.basename(source.path)}.json")
   else:
-    saved = source.meta["config"]
-    model = config_lib.ModelConfig(**source.meta["model"])
-    tokenizer = tokenizer or saved["data"]["tokenizer"]
-    trained = int(saved["data"]["seq_len"])
-    run_dir = os.path.dirname(os.path.dirname(source.step_dir))
-    out = os.path.join(run_dir, f"passkey-{os.path.basename(source.step_dir)}.json")
+    model = config_lib.ModelConfig(**source.meta.model)
+    tokenizer = tokenizer or source.meta.tokenizer
+    trained = source.meta.seq_len or 4096
+    run_dir = os.path.dirname(os.path.dirname(source.path))
+    out = os.path.join(run_dir, f"passkey-{os.path.basename(source.path)}.json")
   tok = load_tokenizer(tokenizer)
   mesh = sharding.make_mesh(mesh_cfg)
   graphdef, abstract_params, names = model_lib.abstract_model(model)
   param_sh = sharding.tree_shardings(mesh, names, abstract_params)
   target = ckpt_lib.abstract_with_shardings(abstract_params, param_sh)
-  if "hf_config" in source.meta:
-    params = hf.load_params(source.step_dir, target)
+  if isinstance(source, handoff.HfFolder):
+    params = hf.load_params(source.path, target)
   else:
-    params = ckpt_lib.restore_tree(source.step_dir, {"params": target})["params"]
+    params = ckpt_lib.restore_tree(source.path, {"params": target})["params"]
   predict = make_predict(graphdef, param_sh, mesh, layout)
-  return Loaded(model, mesh, lambda x: predict(params, x), tok, trained, source.step_dir, out)
+  return Loaded(model, mesh, lambda x: predict(params, x), tok, trained, source.path, out)
 
 
 # a Hugging Face folder fixes the architecture; how to compute it is ours

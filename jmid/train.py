@@ -136,19 +136,19 @@ def _origin(c: config_lib.Config, manager: Any, latest: int | None
   if latest is not None:
     step_dir, meta = _newest_meta(manager)
     if c.optim.lr_from_checkpoint:
-      c = _with_lr(c, meta.get("config", {}).get("optim", {}).get("lr"), manager.directory)
-    changes = resume.config_changes(meta.get("config", {}), config_lib.to_json_dict(c))
+      c = _with_lr(c, meta.config_lr, manager.directory)
+    changes = resume.config_changes(meta.full_config(), config_lib.to_json_dict(c))
     note = resume.check_changes(changes, c.train.allow_resume_changes, step_dir)
-    return c, list(meta.get("lineage", [])), note
+    return c, list(meta.lineage), note
   if not c.init.from_path:
     return c, None, ""
   source = handoff.find(c.init.from_path)
   if c.optim.lr_from_checkpoint:
-    c = _with_lr(c, source.lr, source.step_dir)
+    c = _with_lr(c, source.lr, source.path)
   return c, source, ""
 
 
-def _newest_meta(manager: Any) -> tuple[str, dict[str, Any]]:
+def _newest_meta(manager: Any) -> tuple[str, ckpt_lib.Meta]:
   """The newest readable checkpoint meta (config, lineage and lr are the same for every step of
   a run; a damaged newest step is dealt with when the state is restored)."""
   err = None
@@ -175,11 +175,11 @@ def _initial_state(c: config_lib.Config, su: build.Setup, mesh: jax.sharding.Mes
       manager.reload()
       notes.append(f"damaged checkpoints {', '.join(map(str, damaged))} moved to {aside}")
     return state, step, "; ".join([f"resumed from {manager.directory}/{step}", *notes])
-  if isinstance(origin, handoff.Source):
+  if isinstance(origin, (handoff.Checkpoint, handoff.HfFolder)):
     state = handoff.load_state(origin, c.init.load, mesh, su.abstract_state, su.param_names,
                                su.tx, su.state_from_params, c.model)
     fresh_opt = ", fresh optimizer" if c.init.load != "params+optimizer" else ""
-    return state, 0, f"{c.init.load} from {origin.step_dir}{fresh_opt}"
+    return state, 0, f"{c.init.load} from {origin.path}{fresh_opt}"
   return su.create_state(), 0, "random init"
 
 

@@ -1,5 +1,6 @@
 """Bad input through the real CLI: one clear line on stderr, exit code 2, nothing created."""
 
+import json
 import os
 import subprocess
 import sys
@@ -92,14 +93,23 @@ def test_init_from_a_checkpoint_of_another_architecture(tmp_path):
   assert not workdir.exists()
 
 
-def test_init_from_a_hf_folder_of_an_unsupported_architecture(tmp_path):
-  folder = tmp_path / "gpt2"
+GEMMA3_BIDIRECTIONAL = {"architectures": ["Gemma3ForCausalLM"], "vocab_size": 384,
+                        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                        "intermediate_size": 96, "use_bidirectional_attention": True}
+
+
+@pytest.mark.parametrize("config,expected", [
+    ({"architectures": ["GPT2LMHeadModel"]}, "architecture GPT2LMHeadModel is not supported; "
+     "jmid reads Gemma2ForCausalLM, Gemma3ForCausalLM, LlamaForCausalLM, "),
+    (GEMMA3_BIDIRECTIONAL, "config.json: Gemma3ForCausalLM with use_bidirectional_attention "
+     "(an encoder) is not supported")], ids=["gpt2", "gemma3-bidirectional"])
+def test_init_from_a_hf_folder_jmid_cannot_read(config, expected, tmp_path):
+  folder = tmp_path / "model"
   folder.mkdir()
-  (folder / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+  (folder / "config.json").write_text(json.dumps(config))
   (folder / "model.safetensors").write_bytes(b"")
   proc, workdir = _run([f"--config.init.from_path={folder}"], tmp_path)
-  _assert_one_line_exit_2(proc, "architecture GPT2LMHeadModel is not supported; jmid reads "
-                                "Gemma2ForCausalLM, Gemma3ForCausalLM, LlamaForCausalLM, ")
+  _assert_one_line_exit_2(proc, expected)
   assert not workdir.exists()
 
 

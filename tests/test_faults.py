@@ -116,6 +116,7 @@ def test_resume_with_changed_config_is_named_or_refused(tmp_path, cache, straigh
   assert "optim.clip_norm: 1.0 -> 0.5" in record["init/notes"][0]
 
 
+@pytest.mark.slow  # about 45 s: the fast lane keeps under 20 minutes
 def test_resume_step_rolls_back_keeps_newer_and_trains_on(tmp_path, cache, straight):
   workdir = tmp_path / "run"
   shutil.copytree(straight, workdir)

@@ -13,6 +13,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
+from jmid import checkpoint as ckpt_lib
 from jmid import config as config_lib
 from jmid import export, hf, train
 from jmid import model as model_lib
@@ -35,7 +36,16 @@ def _tensors(folder):
   return out
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# the newer families' CLI runs in the slow lane, Gemma 3 (the most switches) in both; their
+# import then save in the fast lane (test_python_api_round_trip)
+NEW_FAMILIES = ("gemma2", "olmo2", "olmo3", "smollm3")
+
+
+def _slow_if_new(cases):
+  return [pytest.param(c, marks=pytest.mark.slow) if c in NEW_FAMILIES else c for c in cases]
+
+
+@pytest.mark.parametrize("case", _slow_if_new(sorted(CASES)))
 def test_import_then_export_gives_back_the_same_tensors(case, tmp_path):
   build(case, tmp_path / "hf", vocab_size=384)
   _run_from(tmp_path / "hf", tmp_path / "run", steps=0)
@@ -52,12 +62,7 @@ def test_import_then_export_gives_back_the_same_tensors(case, tmp_path):
   assert ours["rope_type"] == rope["rope_type"]
 
 
-# the newer families' runs in the slow lane, Gemma 3 (the most switches) in both
-SLOW_TRAINED = ("gemma2", "olmo2", "olmo3", "smollm3")
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_TRAINED
-                                  else c for c in sorted(CASES)])
+@pytest.mark.parametrize("case", _slow_if_new(sorted(CASES)))
 def test_trained_export_loads_in_transformers_with_the_same_logits(case, tmp_path):
   build(case, tmp_path / "hf", vocab_size=384)
   c = _run_from(tmp_path / "hf", tmp_path / "run", steps=3)
@@ -106,9 +111,10 @@ def test_export_of_a_path_that_is_not_a_checkpoint(tmp_path, capsys):
   assert not (tmp_path / "out").exists()
 
 
-def test_python_api_round_trip(tmp_path):
+@pytest.mark.parametrize("case", ["qwen2-bias-yarn", *NEW_FAMILIES])
+def test_python_api_round_trip(case, tmp_path):
   """jmid.hf.load then jmid.hf.save: the same tensors, and transformers' logits unchanged."""
-  model = build("qwen2-bias-yarn", tmp_path / "hf")
+  model = build(case, tmp_path / "hf")
   hf.save(hf.load(str(tmp_path / "hf")), str(tmp_path / "out"))
   a, b = _tensors(tmp_path / "hf"), _tensors(tmp_path / "out")
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
@@ -126,7 +132,7 @@ def test_export_carries_the_runs_tokenizer(tmp_path):
   m = hf.load(str(tmp_path / "hf"))
   leaves = ((".".join(str(getattr(k, "key", k)) for k in p), np.asarray(x))
             for p, x in jax.tree_util.tree_flatten_with_path(m.params)[0])
-  meta = {"model": dataclasses.asdict(m.cfg), "config": {"data": {"tokenizer": tok}}}
+  meta = ckpt_lib.Meta(model=dataclasses.asdict(m.cfg), config={"data": {"tokenizer": tok}})
   export.write_hf(str(tmp_path / "out"), meta, leaves)
   loaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
   assert loaded("the cat sat")["input_ids"]

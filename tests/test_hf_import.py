@@ -142,7 +142,10 @@ def test_a_run_starts_from_a_hf_folder(tmp_path):
   c.train.steps, c.mesh.fsdp, c.mesh.tensor = 0, 4, 2
   train.train(c)
   meta = ckpt_lib.read_meta(str(tmp_path / "run" / "checkpoints" / "0"))
-  assert meta["lineage"][0]["run"] == "hf:LlamaForCausalLM"
+  # a Hugging Face start is its own kind of origin: the folder and its architecture, no run
+  from jmid.checkpoint.meta import Origin
+  assert meta.lineage[0] == Origin(str(tmp_path / "hf"), "params",
+                                   architecture="LlamaForCausalLM")
   import orbax.checkpoint as ocp
   params = ocp.PyTreeCheckpointer().restore(str(tmp_path / "run" / "checkpoints" / "0" /
                                                 "state"))["params"]

@@ -1,6 +1,6 @@
 """A checkpoint written before the model was made of modules (weights flat under `blocks`,
-fingerprints under those names; made here by renaming a real checkpoint on disk the way the
-old code named it) resumes to the losses of an uninterrupted run, hands its params off, exports
+fingerprints under those names, a version 1 meta; made here by rewriting a real checkpoint on
+disk the way the old code wrote it) resumes to the losses of an uninterrupted run, hands its params off, exports
 the same tensors and verifies: jmid/checkpoint/legacy.py."""
 
 import json
@@ -37,6 +37,8 @@ def _make_old(step_dir):
   meta = json.loads(meta_path.read_text())
   meta["fingerprints"] = integrity.fingerprints(old)
   assert "params.blocks.wq" in meta["fingerprints"]
+  del meta["version"]  # version 1: no version key, the model spec inside config as well
+  meta["config"]["model"] = meta["model"]
   meta_path.write_text(json.dumps(meta))
 
 

@@ -73,6 +73,7 @@ def _steps(loss_chunk: int, mesh_sizes: dict) -> tuple[list, dict]:
     return got, jax.device_get(state["params"])
 
 
+@pytest.mark.slow  # about 45 s: the fast lane keeps under 20 minutes
 def test_a_sharded_train_step_with_chunks_equals_the_plain_one():
   """data x fsdp x context over the 8 devices, 4 chunks of 4 positions (2 on each device of
   the context axis): the same losses, gradient norms and params after 2 steps."""

@@ -153,6 +153,7 @@ def test_a_model_on_a_context_axis_trains_as_on_one_device(layout):
   assert one[0][-1] < one[0][0]  # and it trains
 
 
+@pytest.mark.slow  # about 45 s: the fast lane keeps under 20 minutes
 def test_context_with_gqa_heads_over_tensor_a_window_and_remat():
   c = tiny_configdict(n_heads=4, n_kv_heads=2, sliding_window=5, remat="full")
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.context = 1, 1, 2, 4

@@ -124,8 +124,9 @@ def test_lr_from_checkpoint_starts_at_the_stored_lr_and_survives_resume(tmp_path
   cfg = json.loads((tmp_path / "dst" / "config.json").read_text())
   assert cfg["optim"]["lr"] == pytest.approx(SOURCE_END_LR)
   meta = ckpt_lib.read_meta(str(tmp_path / "dst" / "checkpoints" / "4"))
-  assert meta["lineage"][0]["from"] == str(source / "checkpoints" / str(SOURCE_STEPS))
-  assert meta["lineage"][0]["run"] == "stage-one" and meta["lineage"][0]["load"] == "params"
+  origin = meta.lineage[0]
+  assert origin.path == str(source / "checkpoints" / str(SOURCE_STEPS))
+  assert origin.run == "stage-one" and origin.load == "params" and origin.architecture is None
 
 
 def test_larger_vocab_gets_mean_rows(tmp_path, cache_dir, source):

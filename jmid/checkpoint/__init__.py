@@ -2,8 +2,8 @@
 
 `state` is the train state (params, optimizer, step[, ema]), `data` the Grain iterator state
 (so a resumed run sees exactly the batches an uninterrupted run would), `meta` JSON that
-describes the checkpoint on its own (model spec, config, lineage, tokens seen, lr, and the
-fingerprints of every array: jmid/integrity.py). Saves are async. Orbax writes each step into
+describes the checkpoint on its own (checkpoint/meta.py: model spec, config, lineage, tokens
+seen, lr, and the fingerprints of every array: jmid/integrity.py). Saves are async. Orbax writes each step into
 `<step>.orbax-checkpoint-tmp-*` and renames it (plus a commit_success.txt) only when every item
 is written, and the manager lists finalized steps only, so a crash never leaves a step that
 looks complete (tests/test_checkpoint.py checks it).
@@ -19,6 +19,7 @@ ckpt_info and averaging, so neither is imported back by this module).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import gc
 import json
@@ -37,6 +38,7 @@ from etils import epath
 
 from jmid import cli, fs, integrity, resume
 from jmid.checkpoint import legacy
+from jmid.checkpoint.meta import Meta
 from jmid.errors import UserError, first_line, os_problem
 from jmid.integrity import path_str  # also ckpt_lib.path_str for the modules that name arrays
 from jmid.safetensors_io import is_hf_folder
@@ -71,18 +73,18 @@ def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any,
-         meta: dict[str, Any]) -> None:
+         meta: Meta) -> None:
   """Starts an async save of state, data iterator position and metadata at `step`; the meta
   gets the state's fingerprints (computed on the devices: one small transfer)."""
-  meta = {**meta, "fingerprints": integrity.fingerprints(state)}
+  meta = dataclasses.replace(meta, fingerprints=integrity.fingerprints(state))
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=grain.checkpoint.CheckpointSave(data_iter),
-      meta=ocp.args.JsonSave(meta)), force=True)
+      meta=ocp.args.JsonSave(meta.to_json())), force=True)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
-            data_iter: Any) -> tuple[Any, dict[str, Any]]:
+            data_iter: Any) -> tuple[Any, Meta]:
   """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs) in place of
   random init, checks it against the saved fingerprints, then sets `data_iter` to its saved
   position, and returns (state, meta). DamagedCheckpoint leaves `data_iter` untouched."""
@@ -103,7 +105,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
 
 
 def restore_latest_intact(manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any
-                          ) -> tuple[Any, dict[str, Any], int, list[str]]:
+                          ) -> tuple[Any, Meta, int, list[str]]:
   """(state, meta, step, notes) from the newest checkpoint that restores intact.
 
   A damaged step is skipped, left exactly where it is, and named in `notes` (one line each);
@@ -179,21 +181,17 @@ def step_dirs(path: str, what: str = "PATH") -> list[str]:
   return [os.path.join(ckpt_dir, str(s)) for s in steps]
 
 
-def read_meta(step_dir: str) -> dict[str, Any]:
-  """The checkpoint's meta JSON; {} for a checkpoint written without one (e.g. by hand)."""
+def read_meta(step_dir: str) -> Meta:
+  """The checkpoint's meta, of whichever version wrote it; Meta() for a checkpoint written
+  without one (e.g. by hand)."""
   path = os.path.join(step_dir, "meta", "metadata")
   if not fs.exists(path):
-    return {}
+    return Meta(version=1)
   try:
-    return json.loads(fs.read_text(path))
+    raw = json.loads(fs.read_text(path))
   except (OSError, ValueError) as e:
     raise DamagedCheckpoint(step_dir, f"meta/metadata is unreadable ({first_line(e)})") from None
-
-
-def lineage_entry(step_dir: str, meta: dict[str, Any], load: str) -> dict[str, Any]:
-  """What a run records of a checkpoint it started from: where, how, and its step/tokens/lr."""
-  return {"from": step_dir, "load": load, "step": meta.get("step"), "tokens": meta.get("tokens"),
-          "lr": meta.get("lr"), "run": meta.get("config", {}).get("run", {}).get("name")}
+  return Meta.from_json(raw, f"checkpoint {step_dir}")
 
 
 def saved_tree(step_dir: str) -> Any:
@@ -243,10 +241,10 @@ def check_shapes(step_dir: str, target: Any, prefix: str, fix: str) -> None:
                     f"{names(bad, 4)}); {fix}")
 
 
-def verify_tree(step_dir: str, tree: Any, meta: dict[str, Any]) -> Any:
+def verify_tree(step_dir: str, tree: Any, meta: Meta) -> Any:
   """`tree` (arrays read from step_dir, named from the state's root) if its fingerprints match
   those saved in meta; a checkpoint saved without them is accepted unverified."""
-  saved = {legacy.new_key(k): v for k, v in (meta.get("fingerprints") or {}).items()}
+  saved = {legacy.new_key(k): v for k, v in meta.fingerprints.items()}
   if saved:
     bad = integrity.compare(saved, integrity.fingerprints(tree))
     if bad:
@@ -264,7 +262,7 @@ def restore_tree(step_dir: str, target: Any) -> Any:
   return _cast(verify_tree(step_dir, out, meta), target)
 
 
-def read_array(step_dir: str, key: str, meta: dict[str, Any] | None = None,
+def read_array(step_dir: str, key: str, meta: Meta | None = None,
                tree: Any = None) -> jax.Array:
   """One array of state/ (named like 'params.blocks.wq') alone onto the CPU in its saved dtype,
   checked against its fingerprint: memory is about that one array. meta and tree (saved_tree)
@@ -375,7 +373,7 @@ def _quiet_abandoned_reads() -> None:
   sys.unraisablehook = hook
 
 
-def save_params(out_dir: str, params: Any, meta: dict[str, Any]) -> None:
+def save_params(out_dir: str, params: Any, meta: Meta) -> None:
   """A standalone step folder {state: {params}, meta} that init.from_path and export accept.
 
   Written into out_dir.tmp and renamed, so a crash leaves nothing that looks complete."""
@@ -390,9 +388,9 @@ def save_params(out_dir: str, params: Any, meta: dict[str, Any]) -> None:
   state = {"params": params}
   ocp.PyTreeCheckpointer().save(os.path.join(tmp, "state"), state)
   with jax.default_device(jax.devices("cpu")[0]):  # host arrays: fingerprint them there
-    meta = {**meta, "fingerprints": integrity.fingerprints(state)}
+    meta = dataclasses.replace(meta, fingerprints=integrity.fingerprints(state))
   with open(os.path.join(tmp, "meta", "metadata"), "w") as f:
-    json.dump(meta, f)
+    json.dump(meta.to_json(), f)
   os.replace(tmp, out_dir)
 
 
