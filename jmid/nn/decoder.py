@@ -15,6 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jmid import sharding
 from jmid.config import ModelConfig
@@ -109,20 +110,30 @@ class Decoder(nnx.Module):
     groups = n // p
     graphdef, stacked = nnx.split(self.blocks)
 
-    def layer(x: jax.Array, state: nnx.State, kind: str) -> jax.Array:
+    def layer(x: jax.Array, states: nnx.State, j: int | None, kind: str) -> jax.Array:
+      """Layer j of stacked `states` (j=None: `states` is that layer's own params)."""
+      state = states if j is None else jax.tree.map(
+          lambda a: checkpoint_name(a[j], "layer_params"), states)
       return nnx.merge(graphdef, state)(x, rope[kind], segment_ids_bt, kind, context_layout)
 
-    if cfg.remat != "none":
-      layer = jax.checkpoint(layer, policy=remat_policy(cfg.remat), prevent_cse=False,
-                             static_argnums=(2,))
+    # a layer's slice of stacked params is taken inside the checkpointed function and never
+    # saved (recomputed in the backward pass): saved, it would be a second copy of every weight
+    keep = jax.checkpoint_policies.save_anything_except_these_names("layer_params")
+    if cfg.remat != "none" or p > 1:
+      layer = jax.checkpoint(layer, prevent_cse=False, static_argnums=(2, 3),
+                             policy=remat_policy(cfg.remat) if cfg.remat != "none" else keep)
 
-    def group(x: jax.Array, state: nnx.State) -> tuple[jax.Array, None]:
-      for j, kind in enumerate(pattern):
-        x = layer(x, jax.tree.map(lambda a, j=j: a[j], state), kind)
-      return x, None
-
-    whole = jax.tree.map(lambda a: a[:groups * p].reshape(groups, p, *a.shape[1:]), stacked)
-    x_bte, _ = jax.lax.scan(group, x_bte, whole, unroll=1 if cfg.scan_layers else True)
+    if p == 1:  # one kind: the scan hands each layer its own params
+      def body(x: jax.Array, state: nnx.State) -> tuple[jax.Array, None]:
+        return layer(x, state, None, pattern), None
+      xs = stacked
+    else:  # a group of p layers per scan step, each with its kind static
+      def body(x: jax.Array, state: nnx.State) -> tuple[jax.Array, None]:
+        for j, kind in enumerate(pattern):
+          x = layer(x, state, j, kind)
+        return x, None
+      xs = jax.tree.map(lambda a: a[:groups * p].reshape(groups, p, *a.shape[1:]), stacked)
+    x_bte, _ = jax.lax.scan(body, x_bte, xs, unroll=1 if cfg.scan_layers else True)
     for j in range(n - groups * p):  # the layers past the last whole group
-      x_bte = layer(x_bte, jax.tree.map(lambda a, j=j: a[groups * p + j], stacked), pattern[j])
+      x_bte = layer(x_bte, stacked, groups * p + j, pattern[j])
     return x_bte
